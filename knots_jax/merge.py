@@ -1,0 +1,333 @@
+"""KnOTS-X and X: alignment, a merging method, and reconstruction.
+
+`align` computes the joint decomposition once; `merge` applies a method to it
+(or to the dense task updates for the baselines) and returns a `MergeResult`.
+A sweep calls `merge` many times on one `Alignment`:
+
+  >>> adapters = load_adapters(["a/", "b/", "c/"])
+  >>> alignment = align(adapters)
+  >>> for top_k in (10, 20, 30):
+  ...   result = merge(alignment, "knots_ties", scaling=0.6, top_k=top_k)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import zlib
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from knots_jax import align as align_lib
+from knots_jax import kth
+from knots_jax import methods
+from knots_jax.adapters import AdapterSet
+from knots_jax.result import MergedStack, MergeResult
+from knots_jax.stacks import FactorStack, stack_adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the method table: which values are merged, and how."""
+  knots: bool        # merge the aligned diag(s) V_i^T (KnOTS) or the dense updates
+  combine: str       # "sum" (task arithmetic), "mean", or "ties"
+  dare: bool         # DARE random drop + rescale first
+  reference: str
+
+
+_BASE = {
+    "ta": ("sum", False, "Task arithmetic, Ilharco et al. 2023 (arXiv:2212.04089)"),
+    "mean": ("mean", False, "Plain averaging of the task updates"),
+    "ties": ("ties", False, "TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708)"),
+    "dare": ("sum", True, "DARE, Yu et al. 2024 (arXiv:2311.03099), then task arithmetic"),
+    "dare_ties": ("ties", True, "DARE then TIES (Yu et al. 2024; Yadav et al. 2023)"),
+}
+METHODS: Mapping[str, Method] = {
+    **{name: Method(False, c, d, ref) for name, (c, d, ref) in _BASE.items()},
+    **{f"knots_{name}": Method(True, c, d, "KnOTS, Stoica et al. 2025 (arXiv:2410.19735) + " + ref)
+       for name, (c, d, ref) in _BASE.items()},
+}
+
+
+def get_method(name: str) -> Method:
+  if name not in METHODS:
+    raise ValueError(f"unknown method `{name}`; valid methods: {', '.join(METHODS)}")
+  return METHODS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+  """The adapters, their factor stacks and (once computed) their joint decompositions."""
+  adapters: AdapterSet
+  factors: tuple[FactorStack, ...]
+  aligned: tuple[align_lib.AlignedStack, ...]
+  settings: Mapping[str, object]
+  seconds: float = 0.0
+
+
+def _dtype(name: str):
+  dtype = jnp.dtype(name)
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 "
+                     "or jax.config.update('jax_enable_x64', True) first)")
+  return dtype
+
+
+def align(
+    adapters: AdapterSet,
+    *,
+    path: str = "core",
+    concat: str = "columns",
+    tol: float = align_lib.DEFAULT_TOL,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> Alignment:
+  """Joint decomposition of every stack of same-shaped modules.
+
+  Args:
+    adapters: from `load_adapters`.
+    path: "core" (QR + SVD of the small core, from the factors) or "dense"
+      (SVD of the concatenated dense updates; the reference).
+    concat: "columns" ([dW_1, ..., dW_n], the paper) or "rows" (ablation).
+    tol: components with singular value <= tol are dropped, as in the reference.
+    dtype: "float32" or "float64" (needs jax x64).
+    progress: show a progress bar over modules.
+  """
+  if concat not in ("columns", "rows"):
+    raise ValueError(f"concat must be `columns` or `rows`, got `{concat}`")
+  dt = _dtype(dtype)
+  start = time.perf_counter()
+  factors = tuple(stack_adapters(adapters))
+  aligned = []
+  total = sum(len(f.modules) for f in factors)
+  with tqdm.tqdm(total=total, desc="align", unit="module", disable=not progress) as bar:
+    for f in factors:
+      bar.set_postfix_str(f.name)
+      aligned.append(align_lib.align_stack(
+          f.modules, f.b, f.a, path=path, rows=concat == "rows", tol=tol, dtype=dt))
+      jax.block_until_ready(aligned[-1].rep)
+      bar.update(len(f.modules))
+  settings = dict(path=path, concat=concat, tol=tol, dtype=str(dt))
+  return Alignment(adapters, factors, tuple(aligned), settings, time.perf_counter() - start)
+
+
+def factor_alignment(adapters: AdapterSet) -> Alignment:
+  """Factor stacks only, for the methods that do not use KnOTS."""
+  return Alignment(adapters, tuple(stack_adapters(adapters)), (), {})
+
+
+# ---------------------------------------------------------------------------
+# Per-stack kernels (jit boundaries; each vmaps a methods.* function over L).
+
+
+@functools.partial(jax.jit, static_argnames=("drop_rate",))
+def _dare_stack(rep, key, drop_rate):
+  return methods.dare(rep, methods.dare_keep_mask(key, rep.shape, drop_rate), drop_rate)
+
+
+@jax.jit
+def _sum_stack(rep, scaling):
+  return jax.vmap(methods.task_arithmetic, in_axes=(0, None))(rep, scaling)
+
+
+@jax.jit
+def _mean_stack(rep, scaling):
+  return jax.vmap(methods.average, in_axes=(0, None))(rep, scaling)
+
+
+@jax.jit
+def _sign_sum_stack(rep, threshold):
+  """Sum of elected signs over the stack; threshold [n] or [L, n]."""
+  in_thr = 0 if threshold.ndim == 2 else None
+  pruned = jax.vmap(lambda x, t: jnp.where(methods.magnitude_mask(x, t), x, 0),
+                    in_axes=(0, in_thr))(rep, threshold)
+  return jax.vmap(methods.sign_sum)(pruned)  # [L]
+
+
+@jax.jit
+def _ties_stack(rep, threshold, majority, scaling):
+  """threshold [n] or [L, n]; majority scalar or [L]."""
+  in_thr = 0 if threshold.ndim == 2 else None
+  in_maj = 0 if majority.ndim == 1 else None
+  return jax.vmap(methods.ties, in_axes=(0, in_thr, in_maj, None))(
+      rep, threshold, majority, scaling)
+
+
+@jax.jit
+def _layer_thresholds(rep, valid, ranks):
+  """Per module and task, the ranks[l]-th smallest valid magnitude: [L, n]."""
+  L, n = rep.shape[:2]
+  mag = jnp.where(valid[:, None, :, None], jnp.abs(rep), jnp.inf).reshape(L, n, -1)
+  ordered = jnp.sort(mag, axis=-1)
+  picked = jnp.take_along_axis(ordered, jnp.maximum(ranks - 1, 0)[:, None, None], axis=-1)[..., 0]
+  return jnp.where(ranks[:, None] > 0, picked, 0).astype(rep.dtype)
+
+
+def stack_key(seed: int, modules: Sequence[str]) -> jax.Array:
+  """The DARE key of a stack: depends on the seed and the stack's modules only."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(",".join(modules).encode()))
+
+
+def _ties_model(reps, valids, top_k, scaling):
+  """TIES with one threshold per task and one majority sign for the whole model."""
+  n = reps[0].shape[1]
+  count = sum(int(np.sum(np.asarray(v))) * r.shape[-1] for r, v in zip(reps, valids))
+  rank = methods.kth_rank(count, top_k)
+  threshold = jnp.asarray(kth.kth_smallest_magnitude(reps, valids, [rank] * n))
+  majority = sum(jnp.sum(_sign_sum_stack(r, threshold)) for r in reps)
+  merged = [_ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling) for r in reps]
+  return merged, {"threshold": np.asarray(threshold).tolist(), "kth_rank": rank,
+                  "values_per_task": count}
+
+
+def _ties_layer(reps, valids, top_k, scaling):
+  """TIES with thresholds and majority signs per module (PEFT / mergekit style)."""
+  merged = []
+  for r, v in zip(reps, valids):
+    counts = np.sum(np.asarray(v), axis=-1) * r.shape[-1]
+    ranks = jnp.asarray([methods.kth_rank(int(c), top_k) for c in counts])
+    threshold = _layer_thresholds(r, v, ranks)
+    majority = jnp.sign(_sign_sum_stack(r, threshold)).astype(r.dtype)
+    merged.append(_ties_stack(r, threshold, majority, scaling))
+  return merged, {}
+
+
+def combine(
+    reps: Sequence[jax.Array],
+    valids: Sequence[jax.Array],
+    modules: Sequence[Sequence[str]],
+    method: Method,
+    *,
+    scaling: float,
+    top_k: float,
+    drop_rate: float,
+    seed: int,
+    top_k_scope: str,
+) -> tuple[list[jax.Array], dict]:
+  """Merges per-task values [L, n, R, C] of every stack into [L, R, C]."""
+  if method.dare:
+    reps = [_dare_stack(r, stack_key(seed, m), drop_rate) for r, m in zip(reps, modules)]
+  if method.combine == "sum":
+    return [_sum_stack(r, scaling) for r in reps], {}
+  if method.combine == "mean":
+    return [_mean_stack(r, scaling) for r in reps], {}
+  if top_k_scope == "model":
+    return _ties_model(reps, valids, top_k, scaling)
+  if top_k_scope == "layer":
+    return _ties_layer(reps, valids, top_k, scaling)
+  raise ValueError(f"top_k_scope must be `model` or `layer`, got `{top_k_scope}`")
+
+
+def merge_extra(adapters: AdapterSet, mode: str) -> dict[str, np.ndarray]:
+  """Non-LoRA tensors (modules_to_save): `error`, `mean`, `first` or `drop`."""
+  keys = sorted(adapters.adapters[0].extra)
+  if not keys or mode == "drop":
+    return {}
+  if mode == "error":
+    raise ValueError(
+        f"the adapters carry non-LoRA tensors (modules_to_save): {keys[:5]}"
+        f"{' ...' if len(keys) > 5 else ''}; choose how to merge them with "
+        "modules_to_save='mean' | 'first' | 'drop'")
+  if mode == "mean":
+    return {k: np.mean([ad.extra[k] for ad in adapters.adapters], axis=0) for k in keys}
+  if mode == "first":
+    return {k: adapters.adapters[0].extra[k] for k in keys}
+  raise ValueError(f"modules_to_save must be error, mean, first or drop; got `{mode}`")
+
+
+def merge(
+    adapters: AdapterSet | Alignment,
+    method: str = "knots_ties",
+    *,
+    scaling: float = 1.0,
+    top_k: float = 30,
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    top_k_scope: str = "model",
+    modules_to_save: str = "error",
+    path: str = "core",
+    concat: str = "columns",
+    tol: float = align_lib.DEFAULT_TOL,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> MergeResult:
+  """Merges adapters with `method` (see `METHODS`).
+
+  Args:
+    adapters: an `AdapterSet`, or an `Alignment` from `align` to reuse its
+      decomposition (its path/concat/tol/dtype then apply).
+    method: `ta`, `mean`, `ties`, `dare`, `dare_ties`, or the same with the
+      prefix `knots_` to merge the aligned representations.
+    scaling: alpha, multiplies the merged update (TIES: every kept value).
+    top_k: kept fraction for TIES; > 1 means percent, >= 1 keeps everything.
+    drop_rate: DARE's p, the probability of dropping an entry.
+    seed: DARE's random seed.
+    top_k_scope: "model" (reference: one threshold per task over all modules)
+      or "layer" (per module, as PEFT and mergekit do).
+    modules_to_save: how non-LoRA tensors are merged: error, mean, first, drop.
+  """
+  spec = get_method(method)
+  if not 0.0 <= drop_rate < 1.0:
+    raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+  methods.top_k_fraction(top_k)
+  if isinstance(adapters, Alignment):
+    alignment = adapters
+  elif spec.knots:
+    alignment = align(adapters, path=path, concat=concat, tol=tol, dtype=dtype, progress=progress)
+  else:
+    alignment = factor_alignment(adapters)
+  if spec.knots and not alignment.aligned:
+    alignment = align(alignment.adapters, path=path, concat=concat, tol=tol, dtype=dtype,
+                      progress=progress)
+  aset = alignment.adapters
+  extra = merge_extra(aset, modules_to_save)
+
+  start = time.perf_counter()
+  dt = _dtype(alignment.settings.get("dtype", dtype))
+  hyper = dict(scaling=scaling, top_k=top_k, drop_rate=drop_rate, seed=seed,
+               top_k_scope=top_k_scope)
+  stats: dict = {"adapters": aset.names,
+                 "ranks": {ad.name: sorted({f.rank for f in ad.modules.values()})
+                           for ad in aset.adapters},
+                 "modules": sum(len(f.modules) for f in alignment.factors)}
+  if spec.knots:
+    stacks = alignment.aligned
+    merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],
+                           [s.modules for s in stacks], spec, **hyper)
+    out = []
+    for s, m in zip(stacks, merged):
+      b, a = align_lib.reconstruct(s, m)
+      out.append(MergedStack(s.modules, b=b, a=a))
+    kept = np.concatenate([s.num_valid for s in stacks])
+    stats.update(kept_components=dict(min=int(kept.min()), mean=float(kept.mean()),
+                                      max=int(kept.max())),
+                 align_seconds=alignment.seconds)
+  elif spec.combine in ("sum", "mean") and not spec.dare:
+    # Linear merges of LoRAs are LoRAs: concatenate the factors, exactly.
+    out = []
+    for f in alignment.factors:
+      L, n, o, r = f.b.shape
+      coef = scaling / (n if spec.combine == "mean" else 1)
+      b = jnp.asarray(np.transpose(f.b, (0, 2, 1, 3)).reshape(L, o, n * r), dt)
+      a = coef * jnp.asarray(f.a.reshape(L, n * r, -1), dt)
+      out.append(MergedStack(f.modules, b=b, a=a))
+    info = {}
+  else:
+    reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in alignment.factors]
+    valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
+    merged, info = combine(reps, valids, [f.modules for f in alignment.factors], spec, **hyper)
+    out = [MergedStack(f.modules, delta=m) for f, m in zip(alignment.factors, merged)]
+  for s in out:
+    jax.block_until_ready(s.delta if s.delta is not None else s.a)
+  stats.update(info, merge_seconds=time.perf_counter() - start)
+  if out and out[0].is_factored:
+    stats["output_rank"] = max(int(s.a.shape[-2]) for s in out)
+  settings = {"method": method, **hyper, "modules_to_save": modules_to_save,
+              **(dict(alignment.settings) if spec.knots else {"dtype": str(dt)})}
+  return MergeResult(stacks=tuple(out), peft_config=dict(aset.adapters[0].config),
+                     method=method, settings=settings, extra=extra, stats=stats)
