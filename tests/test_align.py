@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from knots_jax import align
+from knots_jax import decomposition as align
 from knots_jax.stacks import stack_adapters
 from tests import synthetic
 

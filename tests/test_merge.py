@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import knots_jax
-from knots_jax import merge as merge_lib
+from knots_jax import merging as merge_lib
 from tests import reference, synthetic
 
 

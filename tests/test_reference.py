@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from knots_jax import merge as merge_lib
+from knots_jax import merging as merge_lib
 from knots_jax import methods
 from tests import reference, synthetic
 

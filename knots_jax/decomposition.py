@@ -53,6 +53,30 @@ def core_rank(n: int, r: int, out: int, inp: int) -> int:
   return min(min(out, n * r), n * min(inp, r))
 
 
+def _qr_b(b: jax.Array):
+  """QR of B_cat = [B_1, ..., B_n]: b [n, out, r] -> Q_B [out, p], R_B [p, n r]."""
+  n, out, r = b.shape
+  return jnp.linalg.qr(jnp.transpose(b, (1, 0, 2)).reshape(out, n * r))
+
+
+def _qr_a(a: jax.Array):
+  """QRs of every A_i^T: a [n, r, in] -> Q_A [n, in, q], R_A [n, q, r]."""
+  return jnp.linalg.qr(jnp.swapaxes(a, 1, 2))
+
+
+def _core_svd(q_b, r_b, q_a, r_a, tol: float):
+  """SVD of the core R_B blockdiag(R_A1^T, ...), mapped back to U, S, diag(S) V_i^T."""
+  n, _, q = q_a.shape
+  p, nr = r_b.shape
+  core = jnp.einsum("pnr,nqr->pnq", r_b.reshape(p, n, nr // n), r_a).reshape(p, n * q)
+  u_c, s, vt_c = jnp.linalg.svd(core, full_matrices=False)  # [p, K], [K], [K, n q]
+  u = q_b @ u_c
+  vt = jnp.einsum("knq,niq->nki", vt_c.reshape(-1, n, q), q_a)
+  valid = s > tol
+  rep = jnp.where(valid[None, :, None], s[None, :, None] * vt, 0)
+  return u, s, rep, valid
+
+
 def align_core(b: jax.Array, a: jax.Array, tol: float = DEFAULT_TOL):
   """Joint decomposition of one module from its factors.
 
@@ -64,19 +88,7 @@ def align_core(b: jax.Array, a: jax.Array, tol: float = DEFAULT_TOL):
   Returns:
     u [out, K], s [K], rep [n, K, in] (diag(s) V_i^T, zero where invalid), valid [K].
   """
-  n, out, r = b.shape
-  b_cat = jnp.transpose(b, (1, 0, 2)).reshape(out, n * r)
-  q_b, r_b = jnp.linalg.qr(b_cat)                           # [out, p], [p, n r]
-  q_a, r_a = jnp.linalg.qr(jnp.swapaxes(a, 1, 2))           # [n, in, q], [n, q, r]
-  p, q = r_b.shape[0], r_a.shape[1]
-  # core = R_B @ blockdiag(R_A1^T, ..., R_An^T): [p, n q]
-  core = jnp.einsum("pnr,nqr->pnq", r_b.reshape(p, n, r), r_a).reshape(p, n * q)
-  u_c, s, vt_c = jnp.linalg.svd(core, full_matrices=False)  # [p, K], [K], [K, n q]
-  u = q_b @ u_c
-  vt = jnp.einsum("knq,niq->nki", vt_c.reshape(-1, n, q), q_a)
-  valid = s > tol
-  rep = jnp.where(valid[None, :, None], s[None, :, None] * vt, 0)
-  return u, s, rep, valid
+  return _core_svd(*_qr_b(b), *_qr_a(a), tol)
 
 
 def align_dense(delta: jax.Array, tol: float = DEFAULT_TOL, max_rank: int | None = None):
@@ -97,9 +109,16 @@ def align_dense(delta: jax.Array, tol: float = DEFAULT_TOL, max_rank: int | None
   return u, s, rep, valid
 
 
-@functools.partial(jax.jit, static_argnames=("tol",))
+# The core path runs as three jitted programs, each with one LAPACK call. On the
+# CPU backend of jaxlib 0.10, one program holding two independent QRs (which
+# XLA may run concurrently) was seen to deadlock with no CPU use.
+_qr_b_stack = jax.jit(jax.vmap(_qr_b))
+_qr_a_stack = jax.jit(jax.vmap(_qr_a))
+_core_svd_stack = jax.jit(jax.vmap(_core_svd, in_axes=(0, 0, 0, 0, None)), static_argnums=4)
+
+
 def _core_stack(b, a, tol):
-  return jax.vmap(functools.partial(align_core, tol=tol))(b, a)
+  return _core_svd_stack(*_qr_b_stack(b), *_qr_a_stack(a), tol)
 
 
 @functools.partial(jax.jit, static_argnames=("tol", "max_rank"))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from knots_jax import align as align_lib
+from knots_jax import decomposition as align_lib
 from knots_jax import kth
 from knots_jax import methods
 from knots_jax.adapters import AdapterSet

@@ -1,0 +1,65 @@
+"""Hugging Face backbones on disk: `model.safetensors` or a sharded checkpoint.
+
+Only headers and the requested tensors are read (`safetensors.safe_open`), so a
+large backbone is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+import safetensors
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def tensor_files(model_dir: str) -> dict[str, str]:
+  """{tensor key: safetensors file} of a model directory."""
+  index = os.path.join(model_dir, INDEX)
+  single = os.path.join(model_dir, SINGLE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+  if os.path.isfile(single):
+    with safetensors.safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise FileNotFoundError(
+      f"`{model_dir}` is not a Hugging Face safetensors model: neither {SINGLE} nor {INDEX} "
+      "found (pickled .bin backbones are not supported; re-save with safe_serialization=True)")
+
+
+def weight_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
+  """{tensor key: shape} from the safetensors headers only."""
+  shapes = {}
+  by_file: dict[str, list[str]] = {}
+  for key, path in tensor_files(model_dir).items():
+    by_file.setdefault(path, []).append(key)
+  for path, keys in by_file.items():
+    with safetensors.safe_open(path, framework="numpy") as f:
+      for key in keys:
+        shapes[key] = tuple(f.get_slice(key).get_shape())
+  return shapes
+
+
+def read_tensors(model_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+  """Reads only `keys` (in their stored dtype; bf16 as ml_dtypes.bfloat16)."""
+  files = tensor_files(model_dir)
+  keys = list(keys)
+  missing = [k for k in keys if k not in files]
+  if missing:
+    raise KeyError(f"`{model_dir}` has no tensor {missing[0]!r}"
+                   f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}")
+  by_file: dict[str, list[str]] = {}
+  for key in keys:
+    by_file.setdefault(files[key], []).append(key)
+  out = {}
+  for path, file_keys in by_file.items():
+    with safetensors.safe_open(path, framework="numpy") as f:
+      for key in file_keys:
+        out[key] = f.get_tensor(key)
+  return out

@@ -1,0 +1,172 @@
+"""`knots-jax`: merge PEFT LoRA adapters from the command line.
+
+  knots-jax merge --config configs/demo.py
+  knots-jax merge --config configs/merge.py --config.adapters=a/,b/ --config.output=out/
+  knots-jax merge --help        # every option, with its default
+  knots-jax methods             # the merging methods and their papers
+
+The config file is an ml_collections config (`get_config(arg)` returning a
+ConfigDict); `--config.<option>=<value>` overrides one option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from typing import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+import ml_collections
+
+from knots_jax import adapters as adapters_lib
+from knots_jax import checkpoint
+from knots_jax import config as config_lib
+from knots_jax import export
+from knots_jax import merging as merge_lib
+from knots_jax import outputs
+
+USAGE = __doc__
+
+
+def merge_help() -> str:
+  lines = ["usage: knots-jax merge --config CONFIG.py[:key=value,...] [--config.<option>=<value> ...]",
+           "", "Merges LoRA adapters and writes the result. Options (default in brackets):", ""]
+  for name, (default, text) in config_lib.FIELDS.items():
+    lines.append(f"  --config.{name}  [{default!r}]")
+    lines.extend(textwrap.wrap(text, 76, initial_indent="      ", subsequent_indent="      "))
+  lines += ["", "Example:", "  knots-jax merge --config configs/merge.py --config.adapters=a/,b/,c/ \\",
+            "      --config.method=knots_ties --config.scaling=0.6 --config.top_k=20 "
+            "--config.output=merged/"]
+  return "\n".join(lines)
+
+
+def methods_table() -> str:
+  width = max(len(name) for name in merge_lib.METHODS)
+  return "\n".join(f"{name:<{width}}  {m.reference}" for name, m in merge_lib.METHODS.items())
+
+
+def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+  """Parses `--config FILE[:arg]` and `--config.key=value` overrides."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "merge config file", flag_values=values,
+                                  lock_config=True)
+  # config_flags finds the `--config.<option>` overrides in sys.argv, not in
+  # the list it is given: parse with sys.argv set to this command line.
+  saved, sys.argv = sys.argv, ["knots-jax"] + list(argv)
+  try:
+    values(sys.argv)
+  except AttributeError as e:  # an override of an option that does not exist
+    raise ValueError(f"unknown option {e}; valid options: {', '.join(config_lib.FIELDS)}") from None
+  except flags.Error as e:
+    raise ValueError(str(e)) from None
+  finally:
+    sys.argv = saved
+  if values.config is None:
+    raise ValueError("--config is required, e.g. --config configs/demo.py")
+  return values.config
+
+
+def _enable_x64_if_needed(config) -> None:
+  if config.dtype == "float64":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+
+
+def run_merge(config: ml_collections.ConfigDict) -> dict:
+  """Loads, merges and writes as `config` says; returns the summary."""
+  _enable_x64_if_needed(config)
+  paths = config_lib.split_list(config.adapters)
+  if not paths:
+    raise ValueError("no adapters given: set --config.adapters=dir1,dir2,...")
+  names = config_lib.split_list(config.names) or None
+  times = {}
+
+  start = time.perf_counter()
+  adapters = adapters_lib.load_adapters(paths, names, check_base_model=config.check_base_model)
+  if config.base_model:
+    adapters_lib.check_against_base(adapters, checkpoint.weight_shapes(config.base_model))
+  times["load"] = time.perf_counter() - start
+
+  result = merge_lib.merge(
+      adapters, config.method, scaling=config.scaling, top_k=config.top_k,
+      drop_rate=config.drop_rate, seed=config.seed, top_k_scope=config.top_k_scope,
+      modules_to_save=config.modules_to_save, path=config.path, concat=config.concat,
+      tol=config.tol, dtype=config.dtype, progress=config.progress)
+  times["align"] = result.stats.get("align_seconds", 0.0)
+  times["merge"] = result.stats["merge_seconds"]
+
+  summary = {"config": config.to_dict(), "stats": dict(result.stats)}
+  start = time.perf_counter()
+  if config.output:
+    with outputs.atomic_output_dir(config.output, overwrite=config.overwrite) as tmp:
+      report = export.save_peft_adapter(result, os.path.join(tmp, "adapter"),
+                                        rank=config.rank or None)
+      summary["adapter"] = {k: v for k, v in report.items() if k != "path"}
+      if config.base_model:
+        export.save_merged_weights(result, config.base_model, os.path.join(tmp, "merged_weights"))
+      times["write"] = time.perf_counter() - start
+      summary["seconds"] = times
+      outputs.write_json(os.path.join(tmp, "knots_config.json"), summary)
+  summary["seconds"] = times
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  cfg, stats = summary["config"], summary["stats"]
+  rows = [("adapters", ", ".join(f"{n} (r={'/'.join(map(str, r))})"
+                                for n, r in stats["ranks"].items())),
+          ("modules", str(stats["modules"])),
+          ("method", f"{cfg['method']}  scaling={cfg['scaling']} top_k={cfg['top_k']} "
+                     f"scope={cfg['top_k_scope']}" +
+                     (f" drop_rate={cfg['drop_rate']} seed={cfg['seed']}"
+                      if "dare" in cfg["method"] else ""))]
+  if "kept_components" in stats:
+    kept = stats["kept_components"]
+    rows.append(("kept components", f"min {kept['min']}, mean {kept['mean']:.1f}, "
+                                    f"max {kept['max']} per module ({cfg['path']} path)"))
+  if "threshold" in stats:
+    rows.append(("TIES thresholds", ", ".join(f"{t:.3g}" for t in stats["threshold"])))
+  adapter = summary.get("adapter")
+  if adapter:
+    rank = f"rank {adapter['rank']}"
+    if adapter.get("max_rel_error") is not None and cfg["rank"]:
+      rank += f", truncated: max relative error {adapter['max_rel_error']:.3g}"
+    rows.append(("merged adapter", rank))
+  elif "output_rank" in stats:
+    rows.append(("merged rank", str(stats["output_rank"])))
+  rows.append(("time", ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items())))
+  rows.append(("output", os.path.abspath(cfg["output"]) if cfg["output"] else "(none)"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(USAGE)
+    return 0
+  command, rest = argv[0], argv[1:]
+  if command == "methods":
+    print(methods_table())
+    return 0
+  if command != "merge":
+    print(f"knots-jax: unknown command `{command}`; commands: merge, methods", file=sys.stderr)
+    return 2
+  if "-h" in rest or "--help" in rest:
+    print(merge_help())
+    return 0
+  try:
+    summary = run_merge(load_config(rest))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"knots-jax: error: {e}", file=sys.stderr)
+    return 2
+  print(format_summary(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run())

@@ -1,0 +1,74 @@
+"""The options of `knots-jax merge`: defaults and help in one table.
+
+Config files under `configs/` start from `merge_config()` and change what they
+need; `knots-jax merge --help` prints this table, so every option is explained
+in one place.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# name: (default, help)
+FIELDS: dict[str, tuple[object, str]] = {
+    "adapters": ("", "Comma-separated adapters: PEFT directories (adapter_config.json + "
+                     "adapter_model.safetensors or .bin), or .pt / .safetensors state dicts "
+                     "with lora_A/lora_B keys (the reference implementation's files)."),
+    "names": ("", "Optional comma-separated names for the adapters (default: directory names)."),
+    "method": ("knots_ties", "Merging method: ta, mean, ties, dare, dare_ties, or the same with "
+                             "the prefix knots_ (merge in the KnOTS-aligned space). "
+                             "`knots-jax methods` lists them."),
+    "scaling": (1.0, "alpha: multiplies the merged update (TIES: every kept value, before the "
+                     "disjoint mean). The paper searches 0.1 ... 1.0."),
+    "top_k": (30.0, "TIES: the share of entries kept per task; > 1 means percent (30 = 30%), "
+                    ">= 1 keeps everything. The paper searches 10 ... 100."),
+    "top_k_scope": ("model", "TIES threshold and majority sign over the whole `model` (the "
+                             "reference) or per `layer` (per module, as PEFT and mergekit)."),
+    "drop_rate": (0.9, "DARE: probability p of dropping an entry; kept ones are scaled by "
+                       "1/(1-p)."),
+    "seed": (0, "DARE: random seed (the result is deterministic given the seed)."),
+    "path": ("core", "KnOTS alignment from the LoRA factors (`core`, fast, exact) or from the "
+                     "dense updates (`dense`, the reference, slow)."),
+    "concat": ("columns", "KnOTS concatenation: `columns` ([dW_1 ... dW_n], the paper) or "
+                          "`rows` (ablation)."),
+    "tol": (1e-5, "KnOTS: components with singular value <= tol are dropped (reference: 1e-5)."),
+    "dtype": ("float32", "Computation dtype: float32, or float64 (enables jax x64)."),
+    "modules_to_save": ("error", "Non-LoRA tensors in the adapters (modules_to_save): `error` "
+                                 "(refuse), `mean`, `first` (take the first adapter's), `drop`."),
+    "check_base_model": (True, "Refuse adapters whose base_model_name_or_path differ."),
+    "output": ("", "Output directory, written atomically: adapter/ (a PEFT adapter), "
+                   "merged_weights/ (with base_model), knots_config.json. Empty: no output."),
+    "rank": (0, "Truncate the written adapter to this rank (SVD of the merged update, from the "
+                "factors); 0 writes it exactly (rank n*r). Dense merges (ties, dare...) need it."),
+    "base_model": ("", "Hugging Face model directory (safetensors). If set, the adapters are "
+                       "checked against its shapes and merged dense weights are written."),
+    "overwrite": (False, "Replace an existing output directory (only once the new one is "
+                         "complete)."),
+    "progress": (True, "Show progress bars."),
+}
+
+
+def merge_config() -> ml_collections.ConfigDict:
+  """A ConfigDict with every option at its default."""
+  return ml_collections.ConfigDict({name: default for name, (default, _) in FIELDS.items()})
+
+
+def parse_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `key=value,key=value` from a config argument (`configs/x.py:key=value`)."""
+  if not arg:
+    return config
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or key not in config:
+      raise ValueError(f"bad config argument `{item}`; expected key=value with a key of "
+                       f"{', '.join(FIELDS)}")
+    current = config[key]
+    if isinstance(current, bool):
+      config[key] = value.lower() in ("1", "true", "yes")
+    else:
+      config[key] = type(current)(value)
+  return config
+
+
+def split_list(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]

@@ -1,0 +1,225 @@
+"""Writing a `MergeResult`: a PEFT LoRA adapter, or merged weights of the base model.
+
+* `save_peft_adapter`: `adapter_config.json` + `adapter_model.safetensors` that
+  `peft.PeftModel.from_pretrained` loads. A factored merge is written exactly
+  (every module zero-padded to one rank R, `lora_alpha = R` so PEFT's scale is
+  1); with `rank=` it is truncated to its best rank-r approximation
+  (`lowrank`), and the relative error of every module is reported.
+* `save_merged_weights`: base weight + merged update of every adapted module,
+  in the base tensor's dtype and under the base model's key names.
+
+Both write a `knots_config.json` that says how the output was made, and write
+atomically (`outputs.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+import safetensors.numpy
+
+from knots_jax import checkpoint, lowrank, outputs
+from knots_jax.result import MergeResult
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_WEIGHTS = "model.safetensors"
+KNOTS_CONFIG = "knots_config.json"
+PEFT_PREFIX = "base_model.model."
+_METADATA = {"format": "pt"}   # what transformers / PEFT write; some loaders expect it
+
+# Config fields reset for the written adapter: its weights are plain LoRA
+# factors with scale 1, whatever initialisation or variant trained the inputs.
+_RESET_FIELDS = {
+    "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+    "init_lora_weights": True, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "use_qalora": False, "lora_bias": False,
+    "inference_mode": True,
+}
+
+
+# ---------------------------------------------------------------- PEFT adapter
+
+
+def _adapter_config(template: Mapping[str, object], rank: int, modules: list[str],
+                    extra: Mapping[str, np.ndarray]) -> dict:
+  """The first input adapter's config with rank R, scale 1 and no per-module patterns."""
+  config = dict(template)
+  config.setdefault("peft_type", "LORA")
+  if not config.get("target_modules"):
+    config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  config.update(_RESET_FIELDS, r=int(rank), lora_alpha=int(rank))
+  if not extra:
+    config["modules_to_save"] = None
+  elif not config.get("modules_to_save"):
+    config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in extra})
+  return config
+
+
+def _truncated_stacks(result: MergeResult, rank: int):
+  """(stack, b_r, a_r, rel_err) of every stack, truncated to `rank`."""
+  for stack in result.stacks:
+    if stack.is_factored:
+      yield (stack, *lowrank.truncate_factors(stack.b, stack.a, rank))
+    else:
+      yield (stack, *lowrank.truncate_dense(stack.delta, rank))
+
+
+def _exact_stacks(result: MergeResult, rank: int):
+  """(stack, b, a, zero errors) of every stack, zero-padded to `rank` (exact)."""
+  for stack in result.stacks:
+    b, a = np.asarray(stack.b), np.asarray(stack.a)
+    extra = rank - b.shape[-1]
+    b = np.pad(b, ((0, 0), (0, 0), (0, extra)))
+    a = np.pad(a, ((0, 0), (0, extra), (0, 0)))
+    yield stack, b, a, np.zeros(len(stack.modules))
+
+
+def _lora_dtype(x: np.ndarray) -> np.dtype:
+  """float32 for the written factors, except half-precision inputs that stay as they are."""
+  return x.dtype if x.dtype.itemsize < 4 else np.dtype(np.float32)
+
+
+def _check_result(result: MergeResult) -> None:
+  if not result.stacks:
+    raise ValueError("the merge result has no modules; nothing to write")
+  for stack in result.stacks:
+    if stack.is_factored and (stack.b is None or stack.a is None):
+      raise ValueError(f"stack {stack.modules[:2]}... has neither factors nor a dense update")
+
+
+def save_peft_adapter(result: MergeResult, out_dir: str, *, rank: int | None = None,
+                      overwrite: bool = False) -> dict:
+  """Writes `result` as a PEFT LoRA adapter in `out_dir`.
+
+  Args:
+    result: a merge; factored results are written exactly when `rank` is None.
+    out_dir: the adapter directory (created atomically).
+    rank: truncate every module to its best rank-`rank` approximation. Needed
+      for dense results (TIES / DARE without KnOTS).
+    overwrite: replace an existing `out_dir`.
+
+  Returns:
+    {"path", "rank", "truncated", "rel_errors" {module: float}, "max_rel_error"}.
+  """
+  _check_result(result)
+  outputs.check_output_dir(out_dir, overwrite)
+  if rank is None and not result.is_factored:
+    raise ValueError(
+        f"the `{result.method}` merge is dense (full-rank updates, no LoRA factors): "
+        "pass rank=... to save_peft_adapter for its best rank-r approximation "
+        "(--config.rank), or write base + update with save_merged_weights "
+        "(--config.base_model)")
+  if rank is None:
+    out_rank = max(int(s.b.shape[-1]) for s in result.stacks)
+    stacks = _exact_stacks(result, out_rank)
+  else:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+      raise ValueError(f"save_peft_adapter: rank must be a positive integer; got {rank!r}")
+    out_rank = int(rank)
+    stacks = _truncated_stacks(result, out_rank)
+
+  tensors: dict[str, np.ndarray] = {}
+  errors: dict[str, float] = {}
+  for stack, b, a, err in stacks:
+    b, a, err = np.asarray(b), np.asarray(a), np.asarray(err)
+    dtype = _lora_dtype(b)
+    for i, module in enumerate(stack.modules):
+      tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[i], dtype)
+      tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[i], dtype)
+      errors[module] = float(err[i])
+  # PEFT saves a modules_to_save tensor as base_model.model.<module>.weight (the
+  # ".modules_to_save.default" of the wrapper is stripped) and restores it from there.
+  for key, value in result.extra.items():
+    tensors[PEFT_PREFIX + key] = np.ascontiguousarray(value)
+
+  errors = dict(sorted(errors.items()))
+  report = {"path": os.path.abspath(out_dir), "rank": out_rank, "truncated": rank is not None,
+            "rel_errors": errors, "max_rel_error": max(errors.values(), default=0.0)}
+  config = _adapter_config(result.peft_config, out_rank, result.module_names, result.extra)
+  with outputs.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata=_METADATA)
+    outputs.write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+    outputs.write_json(os.path.join(tmp, KNOTS_CONFIG), _knots_config(
+        result, export={k: v for k, v in report.items() if k != "path"}))
+  return report
+
+
+def _knots_config(result: MergeResult, **more: object) -> dict:
+  """How an output was made: the merge's method, settings and statistics."""
+  return {"method": result.method, "settings": dict(result.settings),
+          "stats": dict(result.stats), "modules": len(result.module_names),
+          "extra": sorted(result.extra), **more}
+
+
+# ------------------------------------------------------------- merged weights
+
+
+def read_base_weights(base_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+  """Reads only `keys` from a HF safetensors checkpoint (single file or sharded).
+
+  Tensors keep their stored dtype (bf16 as `ml_dtypes.bfloat16`).
+  """
+  try:
+    return checkpoint.read_tensors(base_dir, keys)
+  except KeyError as e:
+    raise ValueError(f"base model: {e.args[0]}") from None
+
+
+def _merged_weight(module: str, base: np.ndarray, delta: np.ndarray,
+                   fan_in_fan_out: bool) -> np.ndarray:
+  """base + delta in the base layout (delta transposed for Conv1D), in the base dtype."""
+  if fan_in_fan_out:
+    delta = delta.T
+  if base.shape != delta.shape:
+    layout = " (fan_in_fan_out: the update is transposed to [in, out])" if fan_in_fan_out else ""
+    raise ValueError(f"module `{module}`: the base weight has shape {tuple(base.shape)} but the "
+                     f"merged update has shape {tuple(delta.shape)}{layout}")
+  work = np.result_type(np.float32, delta.dtype)
+  return (base.astype(work) + delta.astype(work)).astype(base.dtype)
+
+
+def save_merged_weights(result: MergeResult, base_dir: str, out_dir: str, *,
+                        overwrite: bool = False) -> dict:
+  """Writes base weight + merged update of every adapted module to `out_dir/model.safetensors`.
+
+  Keys are the base model's (`<module>.weight`), dtypes the base tensors'.
+  Merged `extra` tensors (modules_to_save) are written under their own names,
+  cast to the base tensor's dtype where the base has them. Only these tensors
+  are written, not the whole model.
+
+  Returns {"path", "tensors" (number written), "dtypes" {dtype: count}}.
+  """
+  _check_result(result)
+  outputs.check_output_dir(out_dir, overwrite)
+  keys = [f"{m}.weight" for m in result.module_names]
+  base = read_base_weights(base_dir, keys)
+  present = set(checkpoint.tensor_files(base_dir))
+  base_extra = read_base_weights(base_dir, [k for k in result.extra if k in present])
+
+  tensors: dict[str, np.ndarray] = {}
+  for module, delta in result.deltas():
+    key = f"{module}.weight"
+    tensors[key] = _merged_weight(module, base.pop(key), delta, result.fan_in_fan_out)
+  for key, value in result.extra.items():
+    value = np.asarray(value)
+    if key in base_extra:
+      ref = base_extra[key]
+      if ref.shape != value.shape:
+        raise ValueError(f"modules_to_save tensor `{key}`: the base has shape {tuple(ref.shape)} "
+                         f"but the merged tensor has shape {tuple(value.shape)}")
+      value = value.astype(ref.dtype)
+    tensors[key] = np.ascontiguousarray(value)
+
+  dtypes: dict[str, int] = {}
+  for value in tensors.values():
+    dtypes[str(value.dtype)] = dtypes.get(str(value.dtype), 0) + 1
+  report = {"path": os.path.abspath(out_dir), "tensors": len(tensors), "dtypes": dtypes}
+  with outputs.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, MERGED_WEIGHTS), metadata=_METADATA)
+    outputs.write_json(os.path.join(tmp, KNOTS_CONFIG), _knots_config(
+        result, merged_weights={"base_model": os.path.abspath(base_dir), **{
+            k: v for k, v in report.items() if k != "path"}}))
+  return report

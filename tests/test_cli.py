@@ -1,0 +1,88 @@
+"""`knots-jax` end to end: the embedded demo, overrides, help, and refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from knots_jax import cli
+from knots_jax import config as config_lib
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
+MERGE_CONFIG = os.path.join(REPO, "configs", "merge.py")
+
+
+def test_demo_command_end_to_end(tmp_path):
+  """The README's first command, as a user runs it (a fresh process, no x64)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_ENABLE_X64")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "knots_jax.cli", "merge", "--config", DEMO_CONFIG,
+       f"--config.output={tmp_path / 'out'}", "--config.progress=false"],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  for field in ("adapters", "method", "kept components", "merged adapter", "time", "output"):
+    assert field in proc.stdout
+  out = tmp_path / "out"
+  assert sorted(os.listdir(out)) == ["adapter", "knots_config.json", "merged_weights"]
+  summary = json.loads((out / "knots_config.json").read_text())
+  assert summary["config"]["method"] == "knots_ties"
+  # The written adapter is the merge the library computes.
+  import knots_jax
+  config = cli.load_config(["--config", DEMO_CONFIG])
+  adapters = knots_jax.load_adapters(config_lib.split_list(config.adapters))
+  result = knots_jax.merge(adapters, "knots_ties", scaling=config.scaling, top_k=config.top_k)
+  tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+  module = result.module_names[0]
+  key = f"base_model.model.{module}"
+  np.testing.assert_allclose(tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"],
+                             result.delta(module), rtol=1e-4, atol=1e-6)
+
+
+def test_overrides_reach_the_merge(tmp_path, capsys):
+  demo = cli.load_config(["--config", DEMO_CONFIG])
+  argv = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+          "--config.method=knots_dare_ties", "--config.top_k=100", "--config.drop_rate=0.1",
+          "--config.scaling=0.6", "--config.rank=4", f"--config.output={tmp_path / 'o'}",
+          "--config.progress=false"]
+  assert cli.run(argv) == 0
+  summary = json.loads((tmp_path / "o" / "knots_config.json").read_text())
+  assert summary["config"]["method"] == "knots_dare_ties"
+  assert summary["config"]["scaling"] == 0.6 and summary["adapter"]["rank"] == 4
+  assert "truncated" in capsys.readouterr().out
+
+
+def test_help_explains_every_option(capsys):
+  assert cli.run(["merge", "--help"]) == 0
+  text = capsys.readouterr().out
+  for name, (_, help_text) in config_lib.FIELDS.items():
+    assert f"--config.{name}" in text and help_text.split()[0] in text
+  assert cli.run(["methods"]) == 0
+  assert "knots_dare_ties" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config.nope=1"], "unknown option"),
+    (["--config.top_k=abc"], "top_k"),
+    (["--config.adapters="], "no adapters"),
+    (["--config.adapters=/does/not/exist"], "/does/not/exist"),
+])
+def test_bad_command_lines_are_refused(args, match, capsys, tmp_path):
+  code = cli.run(["merge", "--config", MERGE_CONFIG, f"--config.output={tmp_path / 'o'}"] + args)
+  assert code == 2
+  assert match in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+
+
+def test_failed_run_leaves_no_output(tmp_path, capsys):
+  demo = cli.load_config(["--config", DEMO_CONFIG])
+  # A dense TIES merge cannot be written as an exact LoRA (rank 0): the run fails while writing.
+  code = cli.run(["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+                  "--config.method=ties", f"--config.output={tmp_path / 'o'}",
+                  "--config.progress=false"])
+  assert code == 2 and "rank" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
