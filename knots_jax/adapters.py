@@ -568,20 +568,27 @@ def _unique_names(names: Sequence[str]) -> list[str]:
   return out
 
 
+def _diff(first: Mapping[str, object], other: Mapping[str, object], what: str,
+          shape: str = "shape") -> list[str]:
+  """Missing, extra and differently shaped entries of `other` against `first`."""
+  lines = []
+  missing = sorted(set(first) - set(other))
+  added = sorted(set(other) - set(first))
+  if missing:
+    lines.append(f"  - missing {len(missing)} {what}: {_listing(missing)}")
+  if added:
+    lines.append(f"  + extra {len(added)} {what}: {_listing(added)}")
+  shapes = [f"{k}: {other[k].shape} vs {first[k].shape}"  # type: ignore[attr-defined]
+            for k in sorted(set(first) & set(other))
+            if other[k].shape != first[k].shape]  # type: ignore[attr-defined]
+  if shapes:
+    lines.append(f"  ~ {len(shapes)} {what} with another {shape}: {_listing(shapes, 3)}")
+  return lines
+
+
 def _line_up(first: Adapter, other: Adapter, check_base_model: bool) -> list[str]:
   """The ways `other` differs from `first`, one line each (empty if they line up)."""
-  lines = []
-  missing = sorted(set(first.modules) - set(other.modules))
-  added = sorted(set(other.modules) - set(first.modules))
-  if missing:
-    lines.append(f"  - missing {len(missing)} module(s): {_listing(missing)}")
-  if added:
-    lines.append(f"  + extra {len(added)} module(s): {_listing(added)}")
-  shapes = [f"{m}: {other.modules[m].shape} vs {first.modules[m].shape}"
-            for m in sorted(set(first.modules) & set(other.modules))
-            if other.modules[m].shape != first.modules[m].shape]
-  if shapes:
-    lines.append(f"  ~ {len(shapes)} module(s) with another (out, in) shape: {_listing(shapes, 3)}")
+  lines = _diff(first.modules, other.modules, "module(s)", "(out, in) shape")
   fan = [bool(ad.config.get("fan_in_fan_out", False)) for ad in (first, other)]
   if fan[0] != fan[1]:
     lines.append(f"  ~ fan_in_fan_out is {fan[1]} here but {fan[0]} in the first")
@@ -589,19 +596,7 @@ def _line_up(first: Adapter, other: Adapter, check_base_model: bool) -> list[str
   if check_base_model and base[0] and base[1] and base[0] != base[1]:
     lines.append(f"  ~ base_model_name_or_path is {base[1]!r} here but {base[0]!r} in the first "
                  "(pass check_base_model=False if they are the same model)")
-  missing = sorted(set(first.extra) - set(other.extra))
-  added = sorted(set(other.extra) - set(first.extra))
-  if missing:
-    lines.append(f"  - missing {len(missing)} extra tensor(s) (modules_to_save): "
-                 f"{_listing(missing)}")
-  if added:
-    lines.append(f"  + extra {len(added)} extra tensor(s) (modules_to_save): {_listing(added)}")
-  shapes = [f"{k}: {other.extra[k].shape} vs {first.extra[k].shape}"
-            for k in sorted(set(first.extra) & set(other.extra))
-            if other.extra[k].shape != first.extra[k].shape]
-  if shapes:
-    lines.append(f"  ~ {len(shapes)} extra tensor(s) with another shape: {_listing(shapes, 3)}")
-  return lines
+  return lines + _diff(first.extra, other.extra, "extra tensor(s) (modules_to_save)")
 
 
 def load_adapters(paths: Sequence[str], names: Sequence[str] | None = None, *,

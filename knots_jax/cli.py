@@ -128,6 +128,11 @@ def format_summary(summary: dict) -> str:
     kept = stats["kept_components"]
     rows.append(("kept components", f"min {kept['min']}, mean {kept['mean']:.1f}, "
                                     f"max {kept['max']} per module ({cfg['path']} path)"))
+  if "modules_to_save" in stats:
+    extra = stats["modules_to_save"]
+    rows.append(("modules_to_save", f"{len(extra['tensors'])} tensor(s) ({extra['mode']}): "
+                                    + ", ".join(extra["tensors"][:3])
+                                    + (" ..." if len(extra["tensors"]) > 3 else "")))
   if "threshold" in stats:
     rows.append(("TIES thresholds", ", ".join(f"{t:.3g}" for t in stats["threshold"])))
   adapter = summary.get("adapter")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _CAP = 1 << 16            # most values extracted per task and stack
-_SAMPLES = 1 << 21        # sampled values per task for the initial bracket
+_SAMPLES = 1 << 22        # sampled values per task for the initial bracket
 _Z = 3.5                  # bracket half-width in binomial standard deviations
 
 
@@ -81,6 +81,16 @@ def _sample(x, valid, key, size):
   flat = ((l[:, None] * n + jnp.arange(n)[None]) * R + r[:, None]) * C + c[:, None]
   mag = jnp.abs(x.reshape(-1)[flat])
   return jnp.where(valid[l, r][:, None], mag, -1)
+
+
+def _interpolate(lo_key, hi_key, position: float, half_width: float, dtype):
+  """Keys around `position` (0..1) of the value range [lo, hi], +-half_width of it."""
+  lo_v, hi_v = _to_float(np.array([lo_key, hi_key]), dtype).astype(np.float64)
+  to_key = lambda v: int(np.array(v, dtype).view(_int_dtype(dtype)))
+  a = to_key(lo_v + (hi_v - lo_v) * max(position - half_width, 0.0))
+  b = to_key(lo_v + (hi_v - lo_v) * min(position + half_width, 1.0))
+  a, b = max(int(lo_key), a), min(int(hi_key), b)
+  return a, max(a, b)
 
 
 def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
@@ -160,21 +170,29 @@ def kth_smallest_magnitude(
     lo, hi = _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype)
   known_lo = np.zeros(n, np.int64)
   known_hi = np.full(n, max_key, np.int64)
+  interpolated = np.zeros(n, bool)
   ready = ~active
   below = np.zeros(n, np.int64)
   for _ in range(2 * 8 * int_dtype.itemsize + 4):
     below, inside = count(lo, hi)
     for t in np.flatnonzero(~ready):
-      if ranks[t] <= below[t]:            # the k-th value is below lo
+      if ranks[t] <= below[t]:                 # the k-th value is below lo
         known_hi[t] = int(lo[t]) - 1
-      elif ranks[t] > below[t] + inside[t]:   # above hi
+      elif ranks[t] > below[t] + inside[t]:    # above hi
         known_lo[t] = int(hi[t]) + 1
-      else:
+      else:                                    # inside [lo, hi]
         known_lo[t], known_hi[t] = lo[t], hi[t]
-        if inside[t] <= cap or lo[t] == hi[t]:
-          ready[t] = True
+        if ranks[t] - below[t] <= cap or lo[t] == hi[t]:
+          ready[t] = True   # the values to extract (those up to the k-th) fit
           continue
-      lo[t] = known_lo[t]
+        if not interpolated[t]:
+          # Values are dense in a narrow bracket: place a bracket of about cap
+          # values around the target's linear position, once.
+          interpolated[t] = True
+          lo[t], hi[t] = _interpolate(lo[t], hi[t], (ranks[t] - below[t]) / inside[t],
+                                      cap / (2 * inside[t]), dtype)
+          continue
+      lo[t] = known_lo[t]                      # bisect the known bracket
       hi[t] = (known_lo[t] + known_hi[t]) // 2
     if ready.all():
       break

@@ -178,11 +178,13 @@ def _ties_model(reps, valids, top_k, scaling):
   n = reps[0].shape[1]
   count = sum(int(np.sum(np.asarray(v))) * r.shape[-1] for r, v in zip(reps, valids))
   rank = methods.kth_rank(count, top_k)
+  start = time.perf_counter()
   threshold = jnp.asarray(kth.kth_smallest_magnitude(reps, valids, [rank] * n))
+  threshold_seconds = time.perf_counter() - start
   majority = sum(jnp.sum(_sign_sum_stack(r, threshold)) for r in reps)
   merged = [_ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling) for r in reps]
   return merged, {"threshold": np.asarray(threshold).tolist(), "kth_rank": rank,
-                  "values_per_task": count}
+                  "values_per_task": count, "threshold_seconds": threshold_seconds}
 
 
 def _ties_layer(reps, valids, top_k, scaling):
@@ -295,6 +297,8 @@ def merge(
                  "ranks": {ad.name: sorted({f.rank for f in ad.modules.values()})
                            for ad in aset.adapters},
                  "modules": sum(len(f.modules) for f in alignment.factors)}
+  if aset.adapters[0].extra:
+    stats["modules_to_save"] = {"tensors": sorted(aset.adapters[0].extra), "mode": modules_to_save}
   if spec.knots:
     stacks = alignment.aligned
     merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],

@@ -86,3 +86,29 @@ def test_failed_run_leaves_no_output(tmp_path, capsys):
                   "--config.progress=false"])
   assert code == 2 and "rank" in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
+
+
+def test_modules_to_save_are_refused_then_merged_as_asked(llama_family, tmp_path, capsys):
+  from tests import peft_factory
+  base_dir, _ = llama_family
+  paths = []
+  for i in range(2):
+    path = peft_factory.make_lora_adapter(base_dir, str(tmp_path / f"head{i}"), seed=20 + i,
+                                          r=4, modules_to_save=["lm_head"])
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] += i + 1.0  # the trained heads differ
+    from safetensors.numpy import save_file
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    paths.append(path)
+  argv = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={','.join(paths)}",
+          "--config.progress=false", f"--config.output={tmp_path / 'o'}"]
+  assert cli.run(argv) == 2
+  assert "lm_head.weight" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+  assert cli.run(argv + ["--config.modules_to_save=mean"]) == 0
+  assert "modules_to_save  1 tensor(s) (mean): lm_head.weight" in capsys.readouterr().out
+  heads = [load_file(os.path.join(p, "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+           for p in paths]
+  written = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
+  np.testing.assert_allclose(written["base_model.model.lm_head.weight"], np.mean(heads, axis=0),
+                             rtol=1e-6)

@@ -47,6 +47,11 @@ def test_kth_sampled_bracket_and_its_fallback(monkeypatch):
   args = ([jnp.asarray(xs[0])], [jnp.asarray(valids[0])], ranks)
   np.testing.assert_array_equal(kth.kth_smallest_magnitude(*args, cap=512), expected)
 
+  def whole_range(*unused, **unused_kw):  # in bracket but far too many values: interpolate
+    return np.zeros(3, np.int32), np.full(3, np.float32(np.inf).view(np.int32))
+  monkeypatch.setattr(kth, "_initial_bracket", whole_range)
+  np.testing.assert_array_equal(kth.kth_smallest_magnitude(*args, cap=512), expected)
+
   def wrong_bracket(*unused, **unused_kw):
     lo = np.full(3, np.float32(5.0).view(np.int32))
     return lo, lo + 10

@@ -120,6 +120,7 @@ def test_modules_to_save_need_an_explicit_choice():
   with pytest.raises(ValueError, match="lm_head.weight.*modules_to_save="):
     merge_lib.merge(adapters, "knots_ta")
   mean = merge_lib.merge(adapters, "knots_ta", modules_to_save="mean")
+  assert mean.stats["modules_to_save"] == {"tensors": ["lm_head.weight"], "mode": "mean"}
   np.testing.assert_array_equal(mean.extra["lm_head.weight"], np.full((3, 2), 1.5))
   first = merge_lib.merge(adapters, "knots_ta", modules_to_save="first")
   np.testing.assert_array_equal(first.extra["lm_head.weight"], extra[0])
