@@ -16,8 +16,9 @@ FIELDS: dict[str, tuple[object, str]] = {
                      "with lora_A/lora_B keys (the reference implementation's files)."),
     "names": ("", "Optional comma-separated names for the adapters (default: directory names)."),
     "method": ("knots_ties", "Merging method: ta, mean, ties, dare, dare_ties, or the same with "
-                             "the prefix knots_ (merge in the KnOTS-aligned space). "
-                             "`knots-jax methods` lists them."),
+                             "the prefix knots_ (merge in the KnOTS-aligned space); or "
+                             "direct_merge, iso_c, iso_cts, tsv_m, sftm (from the LoRA factors). "
+                             "`knots-jax methods` lists them with their papers."),
     "scaling": (1.0, "alpha: multiplies the merged update (TIES: every kept value, before the "
                      "disjoint mean). The paper searches 0.1 ... 1.0."),
     "top_k": (30.0, "TIES: the share of entries kept per task; > 1 means percent (30 = 30%), "

@@ -27,6 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
+from knots_jax.sharding import STACK, like, stack_spec, to_host
+
 _CAP = 1 << 16            # most values extracted per task and stack
 _SAMPLES = 1 << 22        # sampled values per task for the initial bracket
 _Z = 3.5                  # bracket half-width in binomial standard deviations
@@ -70,6 +74,29 @@ def _extract(x, valid, lo, hi, cap):
   return -jax.lax.top_k(neg, cap)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("cap", "mesh"))
+def _extract_sharded(x, valid, lo, hi, cap, mesh):
+  """`_extract` for a stack sharded over `mesh`: a top_k per device, then one over
+  the gathered [n, devices * cap] candidates (a plain top_k over the flattened
+  stack would make XLA all-gather every value first)."""
+  local_size = (x.shape[0] // mesh.shape[STACK]) * int(np.prod(x.shape[2:]))
+  k = min(cap, local_size)
+  per_device = jax.shard_map(
+      lambda x, v, lo, hi: _extract(x, v, lo, hi, k)[None], mesh=mesh,
+      in_specs=(stack_spec(4), stack_spec(2), P(), P()), out_specs=stack_spec(3))
+  tops = per_device(x, valid, lo, hi)                       # [devices, n, k]
+  neg = jnp.moveaxis(-tops, 0, 1).reshape(x.shape[1], -1)
+  return -jax.lax.top_k(neg, cap)[0]
+
+
+def _extract_any(x, valid, lo, hi, cap):
+  sharding = getattr(x, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and mesh.size > 1 and not sharding.is_fully_replicated:
+    return _extract_sharded(x, valid, lo, hi, cap, mesh)
+  return _extract(x, valid, lo, hi, cap)
+
+
 @functools.partial(jax.jit, static_argnames=("size",))
 def _sample(x, valid, key, size):
   """Magnitudes at `size` uniform positions (the same for every task): [size, n]."""
@@ -101,7 +128,7 @@ def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
   for j, (x, valid) in enumerate(zip(xs, valids)):
     size = int(np.prod(x.shape)) // x.shape[1]
     m = max(1, int(np.ceil(_SAMPLES * size / total)))
-    samples.append(np.asarray(_sample(x, valid, jax.random.key(j), m)))
+    samples.append(to_host(_sample(x, valid, jax.random.key(j), m)))
   samples = np.concatenate(samples, axis=0)
   samples = np.where(samples >= 0, samples.view(int_dtype), -1)
   lo = np.zeros(n, int_dtype)
@@ -146,7 +173,7 @@ def kth_smallest_magnitude(
   max_key = _max_key(dtype)
   n = xs[0].shape[1]
   ranks = np.asarray(ranks, np.int64)
-  counts = sum(int(np.sum(np.asarray(v))) * x.shape[3] for x, v in zip(xs, valids))
+  counts = sum(int(np.sum(to_host(v))) * x.shape[3] for x, v in zip(xs, valids))
   if np.any(ranks > counts) or np.any(ranks < 0):
     raise ValueError(f"ranks {ranks.tolist()} outside [0, {counts}]")
   active = ranks > 0
@@ -157,11 +184,11 @@ def kth_smallest_magnitude(
   def count(lo, hi):
     below = np.zeros(n, np.int64)
     inside = np.zeros(n, np.int64)
-    lo_f, hi_f = jnp.asarray(_to_float(lo, dtype)), jnp.asarray(_to_float(hi, dtype))
+    lo_f, hi_f = like(xs[0], _to_float(lo, dtype)), like(xs[0], _to_float(hi, dtype))
     for x, v in zip(xs, valids):
       b, i = _count(x, v, lo_f, hi_f)
-      below += np.asarray(b)
-      inside += np.asarray(i)
+      below += to_host(b)
+      inside += to_host(i)
     return below, inside
 
   if counts <= cap:
@@ -202,11 +229,11 @@ def kth_smallest_magnitude(
   # Extract the smallest keys inside each bracket and pick the exact one.
   need = int(max(1, np.max(np.where(active, ranks - below, 1))))
   found = [[] for _ in range(n)]
-  lo_f, hi_f = jnp.asarray(_to_float(lo, dtype)), jnp.asarray(_to_float(hi, dtype))
+  lo_f, hi_f = like(xs[0], _to_float(lo, dtype)), like(xs[0], _to_float(hi, dtype))
   for x, v in zip(xs, valids):
     size = int(np.prod(x.shape)) // n
     k = min(size, 1 << int(np.ceil(np.log2(need))))
-    top = np.asarray(_extract(x, v, lo_f, hi_f, k))
+    top = to_host(_extract_any(x, v, lo_f, hi_f, k))
     for t in range(n):
       found[t].append(top[t][np.isfinite(top[t])])
   for t in np.flatnonzero(active):

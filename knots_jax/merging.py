@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import time
 import zlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,8 @@ import tqdm
 from knots_jax import decomposition as align_lib
 from knots_jax import kth
 from knots_jax import methods
+from knots_jax import sharding
+from knots_jax import svd_methods
 from knots_jax.adapters import AdapterSet
 from knots_jax.result import MergedStack, MergeResult
 from knots_jax.stacks import FactorStack, stack_adapters
@@ -35,9 +37,11 @@ from knots_jax.stacks import FactorStack, stack_adapters
 class Method:
   """One row of the method table: which values are merged, and how."""
   knots: bool        # merge the aligned diag(s) V_i^T (KnOTS) or the dense updates
-  combine: str       # "sum" (task arithmetic), "mean", or "ties"
+  combine: str       # "sum" (task arithmetic), "mean", "ties", or "factors"
   dare: bool         # DARE random drop + rescale first
   reference: str
+  # combine == "factors": (b [L,n,out,r], a [L,n,r,in], scaling, modules) -> (b_m, a_m)
+  factors: Callable | None = None
 
 
 _BASE = {
@@ -47,10 +51,35 @@ _BASE = {
     "dare": ("sum", True, "DARE, Yu et al. 2024 (arXiv:2311.03099), then task arithmetic"),
     "dare_ties": ("ties", True, "DARE then TIES (Yu et al. 2024; Yadav et al. 2023)"),
 }
+
+
+def _uniform_weights(b, scaling):
+  return jnp.full((b.shape[1],), scaling, b.dtype)
+
+
+# Methods computed from the LoRA factors of each module (knots_jax/svd_methods.py,
+# docs/svd_methods.md); `scaling` is their alpha (SFTM: gamma).
+_FACTOR_METHODS = {
+    "direct_merge": (lambda b, a, scaling, modules: svd_methods.direct_merge_stack(
+        b, a, _uniform_weights(b, scaling)),
+        "Direct merge of A and B (with cross terms), 'LoRA Merging with SVD' (Tang et al. 2025)"),
+    "iso_c": (lambda b, a, scaling, modules: svd_methods.iso_c_stack(b, a, scaling=scaling),
+              "Iso-C, Marczak et al. 2025 (arXiv:2502.04959)"),
+    "iso_cts": (lambda b, a, scaling, modules: svd_methods.iso_cts_stack(b, a, scaling=scaling),
+                "Iso-CTS, Marczak et al. 2025 (arXiv:2502.04959)"),
+    "tsv_m": (lambda b, a, scaling, modules: svd_methods.tsv_merge_stack(b, a, scaling=scaling),
+              "TSV-M, Gargiulo et al. 2025 (arXiv:2412.00081)"),
+    "sftm": (lambda b, a, scaling, modules: svd_methods.sftm_stack(
+        b, a, gamma=scaling, modules=modules)[:2],
+        "SFTM, 'Superpose Singular Features for Model Merging' (eta = 1)"),
+}
+
 METHODS: Mapping[str, Method] = {
     **{name: Method(False, c, d, ref) for name, (c, d, ref) in _BASE.items()},
     **{f"knots_{name}": Method(True, c, d, "KnOTS, Stoica et al. 2025 (arXiv:2410.19735) + " + ref)
        for name, (c, d, ref) in _BASE.items()},
+    **{name: Method(False, "factors", False, ref, fn)
+       for name, (fn, ref) in _FACTOR_METHODS.items()},
 }
 
 
@@ -68,6 +97,7 @@ class Alignment:
   aligned: tuple[align_lib.AlignedStack, ...]
   settings: Mapping[str, object]
   seconds: float = 0.0
+  mesh: jax.sharding.Mesh | None = None   # stacks placed with sharding.place_stack (padded)
 
 
 def _dtype(name: str):
@@ -86,6 +116,7 @@ def align(
     tol: float = align_lib.DEFAULT_TOL,
     dtype: str = "float32",
     progress: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Alignment:
   """Joint decomposition of every stack of same-shaped modules.
 
@@ -97,6 +128,9 @@ def align(
     tol: components with singular value <= tol are dropped, as in the reference.
     dtype: "float32" or "float64" (needs jax x64).
     progress: show a progress bar over modules.
+    mesh: from `sharding.make_mesh()`: the stacks are placed sharded over the
+      stack axis (zero-padded to a multiple of the mesh size) before the
+      jitted kernels; see docs/sharding.md.
   """
   if concat not in ("columns", "rows"):
     raise ValueError(f"concat must be `columns` or `rows`, got `{concat}`")
@@ -108,12 +142,16 @@ def align(
   with tqdm.tqdm(total=total, desc="align", unit="module", disable=not progress) as bar:
     for f in factors:
       bar.set_postfix_str(f.name)
+      b, a = f.b, f.a
+      if mesh is not None:
+        b, a = sharding.place_stack(b, mesh, dt), sharding.place_stack(a, mesh, dt)
       aligned.append(align_lib.align_stack(
-          f.modules, f.b, f.a, path=path, rows=concat == "rows", tol=tol, dtype=dt))
+          f.modules, b, a, path=path, rows=concat == "rows", tol=tol, dtype=dt))
       jax.block_until_ready(aligned[-1].rep)
       bar.update(len(f.modules))
   settings = dict(path=path, concat=concat, tol=tol, dtype=str(dt))
-  return Alignment(adapters, factors, tuple(aligned), settings, time.perf_counter() - start)
+  return Alignment(adapters, factors, tuple(aligned), settings, time.perf_counter() - start,
+                   mesh=mesh)
 
 
 def factor_alignment(adapters: AdapterSet) -> Alignment:
@@ -125,9 +163,14 @@ def factor_alignment(adapters: AdapterSet) -> Alignment:
 # Per-stack kernels (jit boundaries; each vmaps a methods.* function over L).
 
 
-@functools.partial(jax.jit, static_argnames=("drop_rate",))
-def _dare_stack(rep, key, drop_rate):
-  return methods.dare(rep, methods.dare_keep_mask(key, rep.shape, drop_rate), drop_rate)
+@functools.partial(jax.jit, static_argnames=("drop_rate", "length"))
+def _dare_stack(rep, key, drop_rate, length=None):
+  """`length`: the true stack length of a padded stack (the mask is drawn for it)."""
+  if length is None or length == rep.shape[0]:
+    return methods.dare(rep, methods.dare_keep_mask(key, rep.shape, drop_rate), drop_rate)
+  keep = methods.dare_keep_mask(key, (length,) + rep.shape[1:], drop_rate)
+  keep = jnp.pad(keep, [(0, rep.shape[0] - length)] + [(0, 0)] * (rep.ndim - 1))
+  return methods.dare(rep, keep, drop_rate)
 
 
 @jax.jit
@@ -168,6 +211,9 @@ def _layer_thresholds(rep, valid, ranks):
   return jnp.where(ranks[:, None] > 0, picked, 0).astype(rep.dtype)
 
 
+_matmul = jax.jit(jnp.matmul)
+
+
 def stack_key(seed: int, modules: Sequence[str]) -> jax.Array:
   """The DARE key of a stack: depends on the seed and the stack's modules only."""
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(",".join(modules).encode()))
@@ -176,10 +222,10 @@ def stack_key(seed: int, modules: Sequence[str]) -> jax.Array:
 def _ties_model(reps, valids, top_k, scaling):
   """TIES with one threshold per task and one majority sign for the whole model."""
   n = reps[0].shape[1]
-  count = sum(int(np.sum(np.asarray(v))) * r.shape[-1] for r, v in zip(reps, valids))
+  count = sum(int(np.sum(sharding.to_host(v))) * r.shape[-1] for r, v in zip(reps, valids))
   rank = methods.kth_rank(count, top_k)
   start = time.perf_counter()
-  threshold = jnp.asarray(kth.kth_smallest_magnitude(reps, valids, [rank] * n))
+  threshold = sharding.like(reps[0], kth.kth_smallest_magnitude(reps, valids, [rank] * n))
   threshold_seconds = time.perf_counter() - start
   majority = sum(jnp.sum(_sign_sum_stack(r, threshold)) for r in reps)
   merged = [_ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling) for r in reps]
@@ -191,8 +237,8 @@ def _ties_layer(reps, valids, top_k, scaling):
   """TIES with thresholds and majority signs per module (PEFT / mergekit style)."""
   merged = []
   for r, v in zip(reps, valids):
-    counts = np.sum(np.asarray(v), axis=-1) * r.shape[-1]
-    ranks = jnp.asarray([methods.kth_rank(int(c), top_k) for c in counts])
+    counts = np.sum(sharding.to_host(v), axis=-1) * r.shape[-1]
+    ranks = sharding.like(r, [methods.kth_rank(int(c), top_k) for c in counts])
     threshold = _layer_thresholds(r, v, ranks)
     majority = jnp.sign(_sign_sum_stack(r, threshold)).astype(r.dtype)
     merged.append(_ties_stack(r, threshold, majority, scaling))
@@ -210,10 +256,16 @@ def combine(
     drop_rate: float,
     seed: int,
     top_k_scope: str,
+    padded: bool = False,
 ) -> tuple[list[jax.Array], dict]:
-  """Merges per-task values [L, n, R, C] of every stack into [L, R, C]."""
+  """Merges per-task values [L, n, R, C] of every stack into [L, R, C].
+
+  `padded`: stacks may be longer than their module lists (sharded stacks);
+  the extra rows must be invalid (zero) and DARE draws its mask for the true length.
+  """
   if method.dare:
-    reps = [_dare_stack(r, stack_key(seed, m), drop_rate) for r, m in zip(reps, modules)]
+    reps = [_dare_stack(r, stack_key(seed, m), drop_rate, len(m) if padded else None)
+            for r, m in zip(reps, modules)]
   if method.combine == "sum":
     return [_sum_stack(r, scaling) for r in reps], {}
   if method.combine == "mean":
@@ -257,6 +309,7 @@ def merge(
     tol: float = align_lib.DEFAULT_TOL,
     dtype: str = "float32",
     progress: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> MergeResult:
   """Merges adapters with `method` (see `METHODS`).
 
@@ -272,6 +325,9 @@ def merge(
     top_k_scope: "model" (reference: one threshold per task over all modules)
       or "layer" (per module, as PEFT and mergekit do).
     modules_to_save: how non-LoRA tensors are merged: error, mean, first, drop.
+    mesh: from `sharding.make_mesh()`: align and merge with every stack
+      sharded over the mesh (an `Alignment` keeps the mesh it was made with);
+      the merged stacks come back replicated. See docs/sharding.md.
   """
   spec = get_method(method)
   if not 0.0 <= drop_rate < 1.0:
@@ -280,12 +336,16 @@ def merge(
   if isinstance(adapters, Alignment):
     alignment = adapters
   elif spec.knots:
-    alignment = align(adapters, path=path, concat=concat, tol=tol, dtype=dtype, progress=progress)
+    alignment = align(adapters, path=path, concat=concat, tol=tol, dtype=dtype, progress=progress,
+                      mesh=mesh)
   else:
     alignment = factor_alignment(adapters)
   if spec.knots and not alignment.aligned:
     alignment = align(alignment.adapters, path=path, concat=concat, tol=tol, dtype=dtype,
-                      progress=progress)
+                      progress=progress, mesh=mesh)
+  if mesh is None and spec.knots:
+    mesh = alignment.mesh
+  padded = mesh is not None
   aset = alignment.adapters
   extra = merge_extra(aset, modules_to_save)
 
@@ -302,15 +362,23 @@ def merge(
   if spec.knots:
     stacks = alignment.aligned
     merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],
-                           [s.modules for s in stacks], spec, **hyper)
+                           [s.modules for s in stacks], spec, **hyper, padded=padded)
     out = []
     for s, m in zip(stacks, merged):
       b, a = align_lib.reconstruct(s, m)
+      if padded:
+        b, a = (sharding.unpad(x, len(s.modules), mesh) for x in (b, a))
       out.append(MergedStack(s.modules, b=b, a=a))
-    kept = np.concatenate([s.num_valid for s in stacks])
+    kept = np.concatenate([np.sum(sharding.to_host(s.valid)[:len(s.modules)], axis=-1)
+                           for s in stacks])  # padding rows of sharded stacks excluded
     stats.update(kept_components=dict(min=int(kept.min()), mean=float(kept.mean()),
                                       max=int(kept.max())),
                  align_seconds=alignment.seconds)
+  elif spec.factors is not None:
+    out = [MergedStack(f.modules, *spec.factors(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt),
+                                                scaling, f.modules))
+           for f in alignment.factors]
+    info = {}
   elif spec.combine in ("sum", "mean") and not spec.dare:
     # Linear merges of LoRAs are LoRAs: concatenate the factors, exactly.
     out = []
@@ -322,9 +390,18 @@ def merge(
       out.append(MergedStack(f.modules, b=b, a=a))
     info = {}
   else:
-    reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in alignment.factors]
-    valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
-    merged, info = combine(reps, valids, [f.modules for f in alignment.factors], spec, **hyper)
+    if padded:
+      reps = [_matmul(sharding.place_stack(f.b, mesh, dt), sharding.place_stack(f.a, mesh, dt))
+              for f in alignment.factors]
+      valids = [sharding.place_stack(np.ones((len(f.modules), f.b.shape[2]), bool), mesh,
+                                     fill=False) for f in alignment.factors]
+    else:
+      reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in alignment.factors]
+      valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
+    merged, info = combine(reps, valids, [f.modules for f in alignment.factors], spec, **hyper,
+                           padded=padded)
+    if padded:
+      merged = [sharding.unpad(m, len(f.modules), mesh) for f, m in zip(alignment.factors, merged)]
     out = [MergedStack(f.modules, delta=m) for f, m in zip(alignment.factors, merged)]
   for s in out:
     jax.block_until_ready(s.delta if s.delta is not None else s.a)

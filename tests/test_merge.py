@@ -125,3 +125,29 @@ def test_modules_to_save_need_an_explicit_choice():
   first = merge_lib.merge(adapters, "knots_ta", modules_to_save="first")
   np.testing.assert_array_equal(first.extra["lm_head.weight"], extra[0])
   assert merge_lib.merge(adapters, "knots_ta", modules_to_save="drop").extra == {}
+
+
+@pytest.mark.parametrize("method", ["direct_merge", "tsv_m", "sftm"])
+def test_factor_methods_reproduce_a_single_adapter(method):
+  """With one adapter and scaling 1, DM, TSV-M and SFTM return that adapter's update."""
+  single = synthetic.adapter_set(ranks=(3,), seed=9)
+  result = merge_lib.merge(single, method, scaling=1.0, dtype="float64")
+  assert result.is_factored
+  for m, d in synthetic.dense_deltas(single).items():
+    np.testing.assert_allclose(result.delta(m), d[0], atol=1e-8 * np.abs(d).max())
+
+
+def test_iso_c_flattens_the_task_arithmetic_spectrum(adapters):
+  result = merge_lib.merge(adapters, "iso_c", scaling=0.5, dtype="float64")
+  for m, d in synthetic.dense_deltas(adapters).items():
+    ta = np.linalg.svd(d.sum(0), compute_uv=False)
+    ta = ta[ta > 1e-5 * ta[0]]
+    merged = np.linalg.svd(result.delta(m), compute_uv=False)[:len(ta)]
+    np.testing.assert_allclose(merged, 0.5 * ta.mean(), rtol=1e-8)
+
+
+def test_factor_methods_run_from_the_cli_table(adapters):
+  for method in ("iso_cts", "tsv_m", "direct_merge"):
+    assert method in merge_lib.METHODS
+    result = merge_lib.merge(adapters, method)
+    assert result.is_factored and result.settings["method"] == method

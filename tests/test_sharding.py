@@ -1,0 +1,136 @@
+"""Sharded merges equal single-device merges.
+
+Multi-device runs happen in subprocesses (tests/sharded_worker.py) with
+`--xla_force_host_platform_device_count`, because that flag slows unsharded
+work 5-30x (DESIGN.md §5); the single-device reference is computed here.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec
+
+from knots_jax import merging, sharding
+from tests.sharded_worker import case_adapters
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
+TIMEOUT = 300
+
+# Layer counts 8 (divides 8 devices) and 5 (padded to 8); `big` has > 2^16
+# values per task, so the whole-model threshold takes the sampled bracket.
+CASES = [
+    {"name": f"{method}_L{layers}", "layers": layers, "method": method, "kwargs": kwargs}
+    for layers in (8, 5)
+    for method, kwargs in (("knots_ties", {"top_k": 20, "scaling": 0.6}),
+                           ("knots_dare_ties", {"top_k": 40, "drop_rate": 0.5, "seed": 3}),
+                           ("ties", {"top_k": 30}))
+] + [{"name": "knots_ties_big_L13", "layers": 13, "big": True, "method": "knots_ties",
+      "kwargs": {"top_k": 30}}]
+
+
+def _run_workers(configs, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, WORKER, json.dumps(c)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for c in configs]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  path = configs[0]["out"]
+  with open(path + ".json") as f:
+    return np.load(path), json.load(f)
+
+
+def _check(got, info, cases, devices):
+  assert info["devices"] == devices
+  for case in cases:
+    seen = info["cases"][case["name"]]
+    if merging.get_method(case["method"]).knots:
+      assert seen["rep_devices"] == devices
+      assert seen["rep_spec"] == str(PartitionSpec(sharding.STACK))
+      assert seen["rep_shape"][0] % devices == 0
+    expected = merging.merge(case_adapters(case), case["method"], **case["kwargs"])
+    for module, delta in expected.deltas():
+      scale = np.max(np.abs(delta))
+      np.testing.assert_allclose(got[f"{case['name']}/{module}"], delta, rtol=1e-5,
+                                 atol=1e-6 * scale, err_msg=f"{case['name']} {module}")
+
+
+def test_eight_host_devices_equal_one_device(tmp_path):
+  config = {"devices": 8, "out": str(tmp_path / "merged.npz"), "cases": CASES}
+  got, info = _run_workers([config], tmp_path)
+  assert info["process_count"] == 1
+  _check(got, info, CASES, 8)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_device(tmp_path):
+  cases = [c for c in CASES if c["layers"] != 8]
+  address = f"127.0.0.1:{_free_port()}"
+  configs = [{"devices": 4, "out": str(tmp_path / "merged.npz"), "cases": cases,
+              "distributed": {"coordinator_address": address, "num_processes": 2,
+                              "process_id": i}} for i in range(2)]
+  got, info = _run_workers(configs, tmp_path)
+  assert info["process_count"] == 2 and info["local_devices"] == 4
+  _check(got, info, cases, 8)
+
+
+# --- one device, in this process -------------------------------------------------
+
+
+def test_specs_come_from_shapes():
+  mesh = sharding.make_mesh()
+  size = mesh.shape[sharding.STACK]
+  assert mesh.axis_names == (sharding.STACK,)
+  assert mesh.axis_types == (AxisType.Auto,)
+  assert sharding.stack_spec(4) == PartitionSpec(sharding.STACK, None, None, None)
+  assert sharding.padded_length(5, mesh) % size == 0 and sharding.padded_length(5, mesh) >= 5
+  assert sharding.stack_sharding(mesh, (size * 2, 3)).spec == sharding.stack_spec(2)
+  with pytest.raises(ValueError, match="ndim"):
+    sharding.stack_spec(0)
+
+
+def test_place_stack_pads_with_fill():
+  mesh = sharding.make_mesh()
+  x = np.arange(6, dtype=np.float32).reshape(3, 2)
+  placed = sharding.place_stack(x, mesh)
+  length = sharding.padded_length(3, mesh)
+  assert placed.shape == (length, 2)
+  np.testing.assert_array_equal(np.asarray(placed)[:3], x)
+  assert not np.asarray(placed)[3:].any()
+  np.testing.assert_array_equal(np.asarray(sharding.unpad(placed, 3, mesh)), x)
+
+
+def test_initialize_is_a_no_op_on_one_process():
+  sharding.initialize()
+  sharding.initialize(num_processes=1)
+
+
+@pytest.mark.parametrize("method", ["knots_ties", "knots_dare_ties", "ties", "ta"])
+def test_mesh_of_one_device_equals_no_mesh(method):
+  adapters = case_adapters({"layers": 3})
+  mesh = sharding.make_mesh()
+  plain = merging.merge(adapters, method, top_k=30, drop_rate=0.3)
+  meshed = merging.merge(adapters, method, top_k=30, drop_rate=0.3, mesh=mesh)
+  for (m, a), (m2, b) in zip(plain.deltas(), meshed.deltas()):
+    assert m == m2
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  if merging.get_method(method).knots:
+    assert meshed.stats["kept_components"] == plain.stats["kept_components"]
