@@ -294,6 +294,53 @@ def merge_extra(adapters: AdapterSet, mode: str) -> dict[str, np.ndarray]:
   raise ValueError(f"modules_to_save must be error, mean, first or drop; got `{mode}`")
 
 
+def _merge_aligned(alignment: Alignment, spec: Method, hyper: dict, mesh):
+  """KnOTS: the method on every stack's diag(s) V_i^T, then back through U."""
+  stacks = alignment.aligned
+  merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],
+                         [s.modules for s in stacks], spec, **hyper, padded=mesh is not None)
+  out = []
+  for s, m in zip(stacks, merged):
+    b, a = align_lib.reconstruct(s, m)
+    if mesh is not None:
+      b, a = (sharding.unpad(x, len(s.modules), mesh) for x in (b, a))
+    out.append(MergedStack(s.modules, b=b, a=a))
+  kept = np.concatenate([np.sum(sharding.to_host(s.valid)[:len(s.modules)], axis=-1)
+                         for s in stacks])  # padding rows of sharded stacks excluded
+  info["kept_components"] = dict(min=int(kept.min()), mean=float(kept.mean()),
+                                 max=int(kept.max()))
+  return out, info
+
+
+def _merge_linear(factors: Sequence[FactorStack], spec: Method, scaling: float, dt):
+  """Task arithmetic / averaging of LoRAs is a LoRA: concatenated factors, exactly."""
+  out = []
+  for f in factors:
+    L, n, o, r = f.b.shape
+    coef = scaling / (n if spec.combine == "mean" else 1)
+    b = jnp.asarray(np.transpose(f.b, (0, 2, 1, 3)).reshape(L, o, n * r), dt)
+    a = coef * jnp.asarray(f.a.reshape(L, n * r, -1), dt)
+    out.append(MergedStack(f.modules, b=b, a=a))
+  return out
+
+
+def _merge_dense(factors: Sequence[FactorStack], spec: Method, hyper: dict, dt, mesh):
+  """The method on the dense task updates b @ a of every stack (no KnOTS)."""
+  if mesh is not None:
+    reps = [_matmul(sharding.place_stack(f.b, mesh, dt), sharding.place_stack(f.a, mesh, dt))
+            for f in factors]
+    valids = [sharding.place_stack(np.ones((len(f.modules), f.b.shape[2]), bool), mesh,
+                                   fill=False) for f in factors]
+  else:
+    reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in factors]
+    valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
+  merged, info = combine(reps, valids, [f.modules for f in factors], spec, **hyper,
+                         padded=mesh is not None)
+  if mesh is not None:
+    merged = [sharding.unpad(m, len(f.modules), mesh) for f, m in zip(factors, merged)]
+  return [MergedStack(f.modules, delta=m) for f, m in zip(factors, merged)], info
+
+
 def merge(
     adapters: AdapterSet | Alignment,
     method: str = "knots_ties",
@@ -345,7 +392,6 @@ def merge(
                       progress=progress, mesh=mesh)
   if mesh is None and spec.knots:
     mesh = alignment.mesh
-  padded = mesh is not None
   aset = alignment.adapters
   extra = merge_extra(aset, modules_to_save)
 
@@ -360,49 +406,17 @@ def merge(
   if aset.adapters[0].extra:
     stats["modules_to_save"] = {"tensors": sorted(aset.adapters[0].extra), "mode": modules_to_save}
   if spec.knots:
-    stacks = alignment.aligned
-    merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],
-                           [s.modules for s in stacks], spec, **hyper, padded=padded)
-    out = []
-    for s, m in zip(stacks, merged):
-      b, a = align_lib.reconstruct(s, m)
-      if padded:
-        b, a = (sharding.unpad(x, len(s.modules), mesh) for x in (b, a))
-      out.append(MergedStack(s.modules, b=b, a=a))
-    kept = np.concatenate([np.sum(sharding.to_host(s.valid)[:len(s.modules)], axis=-1)
-                           for s in stacks])  # padding rows of sharded stacks excluded
-    stats.update(kept_components=dict(min=int(kept.min()), mean=float(kept.mean()),
-                                      max=int(kept.max())),
-                 align_seconds=alignment.seconds)
+    out, info = _merge_aligned(alignment, spec, hyper, mesh)
+    info["align_seconds"] = alignment.seconds
   elif spec.factors is not None:
     out = [MergedStack(f.modules, *spec.factors(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt),
                                                 scaling, f.modules))
            for f in alignment.factors]
     info = {}
   elif spec.combine in ("sum", "mean") and not spec.dare:
-    # Linear merges of LoRAs are LoRAs: concatenate the factors, exactly.
-    out = []
-    for f in alignment.factors:
-      L, n, o, r = f.b.shape
-      coef = scaling / (n if spec.combine == "mean" else 1)
-      b = jnp.asarray(np.transpose(f.b, (0, 2, 1, 3)).reshape(L, o, n * r), dt)
-      a = coef * jnp.asarray(f.a.reshape(L, n * r, -1), dt)
-      out.append(MergedStack(f.modules, b=b, a=a))
-    info = {}
+    out, info = _merge_linear(alignment.factors, spec, scaling, dt), {}
   else:
-    if padded:
-      reps = [_matmul(sharding.place_stack(f.b, mesh, dt), sharding.place_stack(f.a, mesh, dt))
-              for f in alignment.factors]
-      valids = [sharding.place_stack(np.ones((len(f.modules), f.b.shape[2]), bool), mesh,
-                                     fill=False) for f in alignment.factors]
-    else:
-      reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in alignment.factors]
-      valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
-    merged, info = combine(reps, valids, [f.modules for f in alignment.factors], spec, **hyper,
-                           padded=padded)
-    if padded:
-      merged = [sharding.unpad(m, len(f.modules), mesh) for f, m in zip(alignment.factors, merged)]
-    out = [MergedStack(f.modules, delta=m) for f, m in zip(alignment.factors, merged)]
+    out, info = _merge_dense(alignment.factors, spec, hyper, dt, mesh)
   for s in out:
     jax.block_until_ready(s.delta if s.delta is not None else s.a)
   stats.update(info, merge_seconds=time.perf_counter() - start)
