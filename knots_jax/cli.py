@@ -28,6 +28,7 @@ from knots_jax import config as config_lib
 from knots_jax import export
 from knots_jax import merging as merge_lib
 from knots_jax import outputs
+from knots_jax import sharding
 
 USAGE = __doc__
 
@@ -62,7 +63,10 @@ def load_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
   except AttributeError as e:  # an override of an option that does not exist
     raise ValueError(f"unknown option {e}; valid options: {', '.join(config_lib.FIELDS)}") from None
   except flags.Error as e:
-    raise ValueError(str(e)) from None
+    message = str(e)
+    if "Traceback (most recent call last)" in message:  # get_config raised: keep its message
+      message = message.split(":", 1)[0] + ": " + message.strip().splitlines()[-1]
+    raise ValueError(message) from None
   finally:
     sys.argv = saved
   if values.config is None:
@@ -76,6 +80,37 @@ def _enable_x64_if_needed(config) -> None:
     jax.config.update("jax_enable_x64", True)
 
 
+def _make_mesh(mode: str):
+  """`none` -> None; `auto` -> sharding.initialize() then a mesh over every device."""
+  if mode in ("", "none"):
+    return None
+  if mode != "auto":
+    raise ValueError(f"mesh must be `none` or `auto`, got `{mode}`")
+  sharding.initialize()
+  return sharding.make_mesh()
+
+
+def _restore_cache(cache: str, paths, names, config, mesh):
+  """The cached alignment, after checking it was made from these adapters and settings."""
+  from knots_jax import ingredients  # Orbax: imported only when a cache is used
+  meta = ingredients.read_meta(cache)
+  saved_paths = [a["path"] for a in meta["adapters"]]
+  wanted = [os.path.abspath(p) for p in paths]
+  if [os.path.abspath(p) for p in saved_paths] != wanted:
+    raise ValueError(f"alignment_cache `{cache}` was computed from other adapters "
+                     f"({', '.join(saved_paths)}); use another directory or delete it")
+  if names and [a["name"] for a in meta["adapters"]] != list(names):
+    raise ValueError(f"alignment_cache `{cache}` has adapter names "
+                     f"{[a['name'] for a in meta['adapters']]}, not {list(names)}")
+  wanted_settings = dict(path=config.path, concat=config.concat, tol=float(config.tol),
+                         dtype=config.dtype)
+  saved = {k: meta["settings"].get(k) for k in wanted_settings}
+  if saved != wanted_settings:
+    raise ValueError(f"alignment_cache `{cache}` was computed with {saved}, this run asks for "
+                     f"{wanted_settings}; use another directory or delete it")
+  return ingredients.restore_alignment(cache, mesh=mesh)
+
+
 def run_merge(config: ml_collections.ConfigDict) -> dict:
   """Loads, merges and writes as `config` says; returns the summary."""
   _enable_x64_if_needed(config)
@@ -85,21 +120,46 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
   names = config_lib.split_list(config.names) or None
   times = {}
 
+  mesh = _make_mesh(config.mesh)
+  knots = merge_lib.get_method(config.method).knots
+  cache = config.alignment_cache
+  if cache and not knots:
+    raise ValueError(f"alignment_cache is for the knots_* methods; `{config.method}` does not "
+                     "align (unset --config.alignment_cache)")
+  alignment_source = None
   start = time.perf_counter()
-  adapters = adapters_lib.load_adapters(paths, names, check_base_model=config.check_base_model)
+  if cache and os.path.exists(cache):
+    alignment = _restore_cache(cache, paths, names, config, mesh)
+    adapters = alignment.adapters
+    alignment_source = "restored"
+  else:
+    adapters = adapters_lib.load_adapters(paths, names, check_base_model=config.check_base_model)
   if config.base_model:
     adapters_lib.check_against_base(adapters, checkpoint.weight_shapes(config.base_model))
   times["load"] = time.perf_counter() - start
 
+  if cache and alignment_source is None:
+    alignment = merge_lib.align(adapters, path=config.path, concat=config.concat, tol=config.tol,
+                                dtype=config.dtype, progress=config.progress, mesh=mesh)
+    start = time.perf_counter()
+    from knots_jax import ingredients
+    ingredients.save_alignment(alignment, cache)
+    times["save_alignment"] = time.perf_counter() - start
+    alignment_source = "computed"
   result = merge_lib.merge(
-      adapters, config.method, scaling=config.scaling, top_k=config.top_k,
-      drop_rate=config.drop_rate, seed=config.seed, top_k_scope=config.top_k_scope,
-      modules_to_save=config.modules_to_save, path=config.path, concat=config.concat,
-      tol=config.tol, dtype=config.dtype, progress=config.progress)
-  times["align"] = result.stats.get("align_seconds", 0.0)
+      alignment if cache else adapters, config.method, scaling=config.scaling,
+      top_k=config.top_k, drop_rate=config.drop_rate, seed=config.seed,
+      top_k_scope=config.top_k_scope, modules_to_save=config.modules_to_save, path=config.path,
+      concat=config.concat, tol=config.tol, dtype=config.dtype, progress=config.progress,
+      mesh=mesh)
+  times["align"] = 0.0 if alignment_source == "restored" else result.stats.get("align_seconds", 0.0)
   times["merge"] = result.stats["merge_seconds"]
 
   summary = {"config": config.to_dict(), "stats": dict(result.stats)}
+  if cache:
+    summary["alignment_cache"] = {"path": os.path.abspath(cache), "source": alignment_source}
+  if mesh is not None:
+    summary["mesh"] = {"devices": int(mesh.devices.size)}
   start = time.perf_counter()
   if config.output:
     with outputs.atomic_output_dir(config.output, overwrite=config.overwrite) as tmp:
@@ -143,6 +203,12 @@ def format_summary(summary: dict) -> str:
     rows.append(("merged adapter", rank))
   elif "output_rank" in stats:
     rows.append(("merged rank", str(stats["output_rank"])))
+  cache = summary.get("alignment_cache")
+  if cache:
+    rows.append(("alignment", f"restored from {cache['path']}" if cache["source"] == "restored"
+                  else f"computed, saved to {cache['path']}"))
+  if summary.get("mesh"):
+    rows.append(("mesh", f"{summary['mesh']['devices']} device(s)"))
   rows.append(("time", ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items())))
   rows.append(("output", os.path.abspath(cfg["output"]) if cfg["output"] else "(none)"))
   width = max(len(k) for k, _ in rows)

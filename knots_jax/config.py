@@ -46,6 +46,14 @@ FIELDS: dict[str, tuple[object, str]] = {
     "overwrite": (False, "Replace an existing output directory (only once the new one is "
                          "complete)."),
     "progress": (True, "Show progress bars."),
+    "alignment_cache": ("", "KnOTS methods only: a directory holding the saved decomposition "
+                            "(knots_jax.ingredients, Orbax). If it exists, the alignment is "
+                            "restored from it instead of recomputed (its adapters and "
+                            "path/concat/tol/dtype must match this run); otherwise it is computed "
+                            "and saved there. Empty: no cache."),
+    "mesh": ("none", "`none` (one device) or `auto`: shard the merge over every device "
+                     "(sharding.initialize() for multi-host, then sharding.make_mesh()); see "
+                     "docs/sharding.md."),
 }
 
 

@@ -1,0 +1,188 @@
+"""Save the KnOTS decomposition once, restore it for later merges and sweeps.
+
+The reference implementation calls the saved decomposition its "ingredients".
+An `Alignment` (from `merging.align`) is written with Orbax as one composite
+checkpoint directory:
+
+  <directory>/arrays/   Orbax StandardSave of the arrays, per stack:
+                        aligned: u, s, rep, valid;  factors: b, a, ranks;
+                        plus the adapters' non-LoRA tensors (modules_to_save)
+  <directory>/meta/     Orbax JsonSave: format tag and version, settings
+                        (path, concat, tol, dtype), align seconds, the modules
+                        and `transposed` of every stack, and per adapter its
+                        path, name and adapter_config (PEFT config)
+
+Orbax writes into a temporary directory and renames it when complete (and
+marks it with commit_success.txt on file systems without atomic rename), so an
+interrupted save leaves no half-written checkpoint.
+
+The factors themselves are stored (scale folded into `b`, as in `FactorStack`),
+so a restore needs no adapter files: the `AdapterSet` is rebuilt from them
+(`LoraFactors(a, b, scale=1.0)` of each module's true rank; the task update
+`b @ a` is the same as the original `scale * b @ a`). Names, paths and configs
+are the original ones.
+
+Arrays are saved at their true stack length (the padding of a sharded
+`Alignment` is cut off), so one checkpoint restores on any mesh: with
+`mesh=`, every stack is placed with `sharding.place_stack` (zero-padded to a
+multiple of the mesh size, `valid` padded with False), exactly as
+`align(mesh=...)` lays it out.
+
+  >>> alignment = knots_jax.align(adapters)
+  >>> save_alignment(alignment, "ingredients/")
+  >>> restored = restore_alignment("ingredients/")          # later, another process
+  >>> for top_k in (10, 20, 30):
+  ...   result = knots_jax.merge(restored, "knots_ties", top_k=top_k)
+
+Saving reads every array to the host of the calling process (`sharding.to_host`):
+it is written for one process; with several processes call it on every process
+(Orbax lets the primary one write). Restoring reads the whole checkpoint on
+every process before placing the shards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from knots_jax import decomposition as align_lib
+from knots_jax import sharding
+from knots_jax.adapters import Adapter, AdapterSet, LoraFactors
+from knots_jax.merging import Alignment
+from knots_jax.stacks import FactorStack
+
+FORMAT = "knots_jax.alignment"
+VERSION = 1
+
+
+class NotAnAlignmentCheckpoint(ValueError):
+  """The directory is not a checkpoint written by `save_alignment`."""
+
+
+def _host(x, length: int) -> np.ndarray:
+  return np.asarray(sharding.to_host(x))[:length]
+
+
+def _jsonable(value):
+  """adapter_config values as JSON (tuples/sets to lists, numpy scalars to Python)."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, set)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def save_alignment(alignment: Alignment, directory: str, *, overwrite: bool = False) -> str:
+  """Writes `alignment` (from `align`) to `directory` with Orbax; returns its absolute path.
+
+  Raises ValueError for an alignment without decomposition (`factor_alignment`),
+  or if `directory` exists and not `overwrite`.
+  """
+  if not alignment.aligned:
+    raise ValueError("the alignment has no decomposition (from factor_alignment?); "
+                     "save the result of knots_jax.align")
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not overwrite:
+    raise ValueError(f"`{directory}` already exists; pass overwrite=True to replace it")
+  aligned, factors = [], []
+  for s in alignment.aligned:
+    L = len(s.modules)
+    aligned.append({"u": _host(s.u, L), "s": _host(s.s, L), "rep": _host(s.rep, L),
+                    "valid": _host(s.valid, L)})
+  for f in alignment.factors:
+    factors.append({"b": np.asarray(f.b), "a": np.asarray(f.a), "ranks": np.asarray(f.ranks)})
+  ads = alignment.adapters.adapters
+  extra_keys = [sorted(ad.extra) for ad in ads]
+  arrays = {"aligned": aligned, "factors": factors,
+            "extra": [[np.asarray(ad.extra[k]) for k in keys] for ad, keys in zip(ads, extra_keys)]}
+  meta = {
+      "format": FORMAT, "version": VERSION,
+      "settings": _jsonable(dict(alignment.settings)),
+      "seconds": float(alignment.seconds),
+      "aligned": [{"modules": list(s.modules), "transposed": bool(s.transposed)}
+                  for s in alignment.aligned],
+      "factors": [{"modules": list(f.modules)} for f in alignment.factors],
+      "adapters": [{"path": ad.path, "name": ad.name, "config": _jsonable(dict(ad.config)),
+                    "extra": keys} for ad, keys in zip(ads, extra_keys)],
+  }
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    ckpt.save(directory, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                            meta=ocp.args.JsonSave(meta)),
+              force=overwrite)
+  return directory
+
+
+def read_meta(directory: str) -> dict:
+  """The JSON part of a checkpoint (settings, adapters, modules); cheap, no arrays."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(os.path.join(directory, "meta")) or not os.path.isdir(
+      os.path.join(directory, "arrays")):
+    raise NotAnAlignmentCheckpoint(
+        f"`{directory}` is not a knots_jax alignment checkpoint (written by "
+        "knots_jax.ingredients.save_alignment): it has no meta/ and arrays/")
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      meta = ckpt.restore(directory, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - any Orbax failure means: not our checkpoint
+    raise NotAnAlignmentCheckpoint(
+        f"`{directory}` is not a knots_jax alignment checkpoint: {type(e).__name__}: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise NotAnAlignmentCheckpoint(
+        f"`{directory}` is an Orbax checkpoint but not a knots_jax alignment "
+        f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+  if meta.get("version") != VERSION:
+    raise NotAnAlignmentCheckpoint(
+        f"`{directory}`: alignment checkpoint version {meta.get('version')}, "
+        f"this knots_jax reads version {VERSION}")
+  return meta
+
+
+def _rebuild_adapters(meta: dict, factors: list[FactorStack], extra) -> AdapterSet:
+  adapters = []
+  for i, info in enumerate(meta["adapters"]):
+    modules = {}
+    for f in factors:
+      for l, module in enumerate(f.modules):
+        r = int(f.ranks[l, i])
+        modules[module] = LoraFactors(a=f.a[l, i, :r, :], b=f.b[l, i, :, :r], scale=1.0)
+    adapters.append(Adapter(info["path"], info["name"], info["config"], modules,
+                            dict(zip(info["extra"], extra[i]))))
+  return AdapterSet(tuple(adapters))
+
+
+def restore_alignment(directory: str, mesh: jax.sharding.Mesh | None = None) -> Alignment:
+  """The `Alignment` saved in `directory`, for `knots_jax.merge`.
+
+  With `mesh` (from `sharding.make_mesh()`), every aligned stack is placed
+  sharded over it, padded to a multiple of the mesh size, as `align(mesh=...)`
+  does. Raises `NotAnAlignmentCheckpoint` (a ValueError) for any other directory.
+  """
+  meta = read_meta(directory)
+  directory = os.path.abspath(os.fspath(directory))
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    arrays = ckpt.restore(directory, ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+  arrays = jax.tree.map(np.asarray, arrays["arrays"])
+  factors = [FactorStack(tuple(m["modules"]), x["b"], x["a"], x["ranks"].astype(np.int32))
+             for m, x in zip(meta["factors"], arrays["factors"])]
+  aligned = []
+  for m, x in zip(meta["aligned"], arrays["aligned"]):
+    if mesh is None:
+      u, s, rep, valid = (jax.numpy.asarray(x[k]) for k in ("u", "s", "rep", "valid"))
+    else:
+      u, s, rep = (sharding.place_stack(x[k], mesh) for k in ("u", "s", "rep"))
+      valid = sharding.place_stack(x["valid"], mesh, fill=False)
+    aligned.append(align_lib.AlignedStack(tuple(m["modules"]), u, s, rep, valid,
+                                          transposed=m["transposed"]))
+  extra = arrays.get("extra") or [[] for _ in meta["adapters"]]
+  adapters = _rebuild_adapters(meta, factors, extra)
+  return Alignment(adapters, tuple(factors), tuple(aligned), dict(meta["settings"]),
+                   seconds=float(meta["seconds"]), mesh=mesh)
+
+
+__all__ = ["save_alignment", "restore_alignment", "read_meta", "NotAnAlignmentCheckpoint"]
