@@ -23,6 +23,7 @@ from ml_collections import config_flags
 import ml_collections
 
 from knots_jax import adapters as adapters_lib
+from knots_jax import backbone
 from knots_jax import checkpoint
 from knots_jax import config as config_lib
 from knots_jax import export
@@ -117,6 +118,8 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
   paths = config_lib.split_list(config.adapters)
   if not paths:
     raise ValueError("no adapters given: set --config.adapters=dir1,dir2,...")
+  if config.full_model and not config.base_model:
+    raise ValueError("full_model needs the base model: set --config.base_model=path/to/hf_model")
   names = config_lib.split_list(config.names) or None
   times = {}
 
@@ -166,7 +169,10 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
       report = export.save_peft_adapter(result, os.path.join(tmp, "adapter"),
                                         rank=config.rank or None)
       summary["adapter"] = {k: v for k, v in report.items() if k != "path"}
-      if config.base_model:
+      if config.base_model and config.full_model:
+        backbone.save_merged_model(result, config.base_model, os.path.join(tmp, "merged_model"),
+                                   mesh=mesh)
+      elif config.base_model:
         export.save_merged_weights(result, config.base_model, os.path.join(tmp, "merged_weights"))
       times["write"] = time.perf_counter() - start
       summary["seconds"] = times

@@ -38,11 +38,16 @@ FIELDS: dict[str, tuple[object, str]] = {
                                  "(refuse), `mean`, `first` (take the first adapter's), `drop`."),
     "check_base_model": (True, "Refuse adapters whose base_model_name_or_path differ."),
     "output": ("", "Output directory, written atomically: adapter/ (a PEFT adapter), "
-                   "merged_weights/ (with base_model), knots_config.json. Empty: no output."),
+                   "merged_weights/ or merged_model/ (with base_model), knots_config.json. "
+                   "Empty: no output."),
     "rank": (0, "Truncate the written adapter to this rank (SVD of the merged update, from the "
                 "factors); 0 writes it exactly (rank n*r). Dense merges (ties, dare...) need it."),
     "base_model": ("", "Hugging Face model directory (safetensors). If set, the adapters are "
                        "checked against its shapes and merged dense weights are written."),
+    "full_model": (False, "With base_model: write the whole merged model (every tensor, HF "
+                          "safetensors shards + index + config.json, loadable with "
+                          "from_pretrained) to merged_model/ instead of only the adapted "
+                          "modules' weights to merged_weights/."),
     "overwrite": (False, "Replace an existing output directory (only once the new one is "
                          "complete)."),
     "progress": (True, "Show progress bars."),

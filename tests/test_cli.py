@@ -112,3 +112,25 @@ def test_modules_to_save_are_refused_then_merged_as_asked(llama_family, tmp_path
   written = load_file(str(tmp_path / "o" / "adapter" / "adapter_model.safetensors"))
   np.testing.assert_allclose(written["base_model.model.lm_head.weight"], np.mean(heads, axis=0),
                              rtol=1e-6)
+
+
+def test_full_model_output_is_base_plus_merge(tmp_path):
+  demo = cli.load_config(["--config", DEMO_CONFIG])
+  argv = ["merge", "--config", DEMO_CONFIG, f"--config.output={tmp_path / 'o'}",
+          "--config.full_model=true", "--config.progress=false"]
+  assert cli.run(argv) == 0
+  out = tmp_path / "o" / "merged_model"
+  assert {"config.json", "model.safetensors"} <= set(os.listdir(out))
+  import knots_jax
+  result = knots_jax.merge(knots_jax.load_adapters(config_lib.split_list(demo.adapters)),
+                           "knots_ties", scaling=demo.scaling, top_k=demo.top_k)
+  written = load_file(str(out / "model.safetensors"))
+  base = load_file(os.path.join(demo.base_model, "model.safetensors"))
+  assert set(written) == set(base)  # every tensor of the model, under the base's names
+  for module in result.module_names:
+    np.testing.assert_allclose(written[f"{module}.weight"],
+                               base[f"{module}.weight"] + result.delta(module), atol=1e-5)
+  untouched = "model.embed_tokens.weight"
+  np.testing.assert_array_equal(written[untouched], base[untouched])
+  assert cli.run(argv[:-2] + [f"--config.output={tmp_path / 'p'}", "--config.base_model=",
+                              "--config.full_model=true"]) == 2
