@@ -16,12 +16,17 @@ passes over all of them. Here:
 Magnitudes are compared as the integer bit patterns of |x| (monotone for
 non-negative floats), so counts and brackets are exact. Every pass is a jitted
 reduction over a stack, which XLA distributes when the stack is sharded.
+
+A stack may also be given lazily, as a zero-argument callable returning the
+[L, n, R, C] array: it is then called once per pass, its result is used and
+dropped before the next stack is made, so at most one stack is held at a time
+(the dense TIES baselines build each stack's b @ a on the fly this way).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,19 @@ from knots_jax.sharding import STACK, like, stack_spec, to_host
 _CAP = 1 << 16            # most values extracted per task and stack
 _SAMPLES = 1 << 22        # sampled values per task for the initial bracket
 _Z = 3.5                  # bracket half-width in binomial standard deviations
+
+
+Stack = Union[jax.Array, Callable[[], jax.Array]]
+
+
+def get_stack(x: Stack) -> jax.Array:
+  """The array of a stack given as an array or as a zero-argument callable."""
+  return x() if callable(x) else x
+
+
+def stack_shape(x: Stack):
+  """Shape and dtype of a stack without computing a lazy one (`jax.eval_shape`)."""
+  return jax.eval_shape(x) if callable(x) else x
 
 
 def _int_dtype(dtype) -> np.dtype:
@@ -123,14 +141,17 @@ def _interpolate(lo_key, hi_key, position: float, half_width: float, dtype):
 def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
   """Sample quantiles around rank/count, per task."""
   n = len(ranks)
-  total = sum(int(np.prod(x.shape)) // x.shape[1] for x in xs)
-  samples = []
-  for j, (x, valid) in enumerate(zip(xs, valids)):
-    size = int(np.prod(x.shape)) // x.shape[1]
-    m = max(1, int(np.ceil(_SAMPLES * size / total)))
-    samples.append(to_host(_sample(x, valid, jax.random.key(j), m)))
-  samples = np.concatenate(samples, axis=0)
-  samples = np.where(samples >= 0, samples.view(int_dtype), -1)
+  shapes = [stack_shape(x).shape for x in xs]
+  sizes = [int(np.prod(s)) // s[1] for s in shapes]
+  total = sum(sizes)
+  ms = [max(1, int(np.ceil(_SAMPLES * size / total))) for size in sizes]
+  # Bit patterns (-1: invalid), filled stack by stack (n * 2^22 values: no copies).
+  samples = np.empty((sum(ms), n), int_dtype)
+  start = 0
+  for j, (x, m, valid) in enumerate(zip(xs, ms, valids)):
+    part = to_host(_sample(get_stack(x), valid, jax.random.key(j), m))
+    samples[start:start + m] = np.where(part >= 0, part.view(int_dtype), -1)
+    start += m
   lo = np.zeros(n, int_dtype)
   hi = np.full(n, max_key, int_dtype)
   for t in range(n):
@@ -152,7 +173,7 @@ def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
 
 
 def kth_smallest_magnitude(
-    xs: Sequence[jax.Array],
+    xs: Sequence[Stack],
     valids: Sequence[jax.Array],
     ranks: Sequence[int],
     *,
@@ -161,19 +182,23 @@ def kth_smallest_magnitude(
   """The exact `ranks[t]`-th smallest |x| of task t over all stacks.
 
   Args:
-    xs: stacks [L, n, R, C] (task axis 1), all of one float dtype.
+    xs: stacks [L, n, R, C] (task axis 1), all of one float dtype; each an
+      array or a zero-argument callable returning it (made once per pass and
+      dropped after use: about one stack in memory at a time).
     valids: per stack [L, R]; invalid rows are not counted.
     ranks: 1-based rank per task; 0 means "no threshold" and gives 0.
 
   Returns:
     [n] thresholds in the dtype of xs.
   """
-  dtype = np.dtype(xs[0].dtype)
+  shapes = [stack_shape(x) for x in xs]
+  dtype = np.dtype(shapes[0].dtype)
   int_dtype = _int_dtype(dtype)
   max_key = _max_key(dtype)
-  n = xs[0].shape[1]
+  n = shapes[0].shape[1]
+  ref = valids[0] if callable(xs[0]) else xs[0]   # placement of small host values
   ranks = np.asarray(ranks, np.int64)
-  counts = sum(int(np.sum(to_host(v))) * x.shape[3] for x, v in zip(xs, valids))
+  counts = sum(int(np.sum(to_host(v))) * s.shape[3] for s, v in zip(shapes, valids))
   if np.any(ranks > counts) or np.any(ranks < 0):
     raise ValueError(f"ranks {ranks.tolist()} outside [0, {counts}]")
   active = ranks > 0
@@ -184,9 +209,9 @@ def kth_smallest_magnitude(
   def count(lo, hi):
     below = np.zeros(n, np.int64)
     inside = np.zeros(n, np.int64)
-    lo_f, hi_f = like(xs[0], _to_float(lo, dtype)), like(xs[0], _to_float(hi, dtype))
+    lo_f, hi_f = like(ref, _to_float(lo, dtype)), like(ref, _to_float(hi, dtype))
     for x, v in zip(xs, valids):
-      b, i = _count(x, v, lo_f, hi_f)
+      b, i = _count(get_stack(x), v, lo_f, hi_f)
       below += to_host(b)
       inside += to_host(i)
     return below, inside
@@ -229,11 +254,11 @@ def kth_smallest_magnitude(
   # Extract the smallest keys inside each bracket and pick the exact one.
   need = int(max(1, np.max(np.where(active, ranks - below, 1))))
   found = [[] for _ in range(n)]
-  lo_f, hi_f = like(xs[0], _to_float(lo, dtype)), like(xs[0], _to_float(hi, dtype))
-  for x, v in zip(xs, valids):
-    size = int(np.prod(x.shape)) // n
+  lo_f, hi_f = like(ref, _to_float(lo, dtype)), like(ref, _to_float(hi, dtype))
+  for s, x, v in zip(shapes, xs, valids):
+    size = int(np.prod(s.shape)) // n
     k = min(size, 1 << int(np.ceil(np.log2(need))))
-    top = to_host(_extract_any(x, v, lo_f, hi_f, k))
+    top = to_host(_extract_any(get_stack(x), v, lo_f, hi_f, k))
     for t in range(n):
       found[t].append(top[t][np.isfinite(top[t])])
   for t in np.flatnonzero(active):

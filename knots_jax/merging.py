@@ -219,16 +219,42 @@ def stack_key(seed: int, modules: Sequence[str]) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(",".join(modules).encode()))
 
 
+def _per_stack(fn, reps):
+  """`fn(rep)` for every stack; a lazy stack (a zero-argument callable, see
+  `kth.kth_smallest_magnitude`) is made, used and dropped before the next one
+  (waiting for each result: dispatch is asynchronous)."""
+  out = []
+  for r in reps:
+    if callable(r):
+      out.append(jax.block_until_ready(fn(r())))
+    else:
+      out.append(fn(r))
+  return out
+
+
+def _lazy_dare(r, key, drop_rate, length):
+  """DARE of a stack given as an array, or lazily (the same mask at every call)."""
+  if callable(r):
+    return lambda: _dare_stack(r(), key, drop_rate, length)
+  return _dare_stack(r, key, drop_rate, length)
+
+
 def _ties_model(reps, valids, top_k, scaling):
-  """TIES with one threshold per task and one majority sign for the whole model."""
-  n = reps[0].shape[1]
-  count = sum(int(np.sum(sharding.to_host(v))) * r.shape[-1] for r, v in zip(reps, valids))
+  """TIES with one threshold per task and one majority sign for the whole model.
+
+  Stacks may be lazy: then pass 1 (threshold, majority sign) and pass 2 (merge)
+  each make every stack again and hold about one at a time."""
+  shapes = [kth.stack_shape(r) for r in reps]
+  n = shapes[0].shape[1]
+  count = sum(int(np.sum(sharding.to_host(v))) * r.shape[-1] for r, v in zip(shapes, valids))
   rank = methods.kth_rank(count, top_k)
   start = time.perf_counter()
-  threshold = sharding.like(reps[0], kth.kth_smallest_magnitude(reps, valids, [rank] * n))
+  ref = valids[0] if callable(reps[0]) else reps[0]
+  threshold = sharding.like(ref, kth.kth_smallest_magnitude(reps, valids, [rank] * n))
   threshold_seconds = time.perf_counter() - start
-  majority = sum(jnp.sum(_sign_sum_stack(r, threshold)) for r in reps)
-  merged = [_ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling) for r in reps]
+  majority = sum(_per_stack(lambda r: jnp.sum(_sign_sum_stack(r, threshold)), reps))
+  merged = _per_stack(
+      lambda r: _ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling), reps)
   return merged, {"threshold": np.asarray(threshold).tolist(), "kth_rank": rank,
                   "values_per_task": count, "threshold_seconds": threshold_seconds}
 
@@ -237,11 +263,16 @@ def _ties_layer(reps, valids, top_k, scaling):
   """TIES with thresholds and majority signs per module (PEFT / mergekit style)."""
   merged = []
   for r, v in zip(reps, valids):
+    lazy = callable(r)
+    r = kth.get_stack(r)
     counts = np.sum(sharding.to_host(v), axis=-1) * r.shape[-1]
     ranks = sharding.like(r, [methods.kth_rank(int(c), top_k) for c in counts])
     threshold = _layer_thresholds(r, v, ranks)
     majority = jnp.sign(_sign_sum_stack(r, threshold)).astype(r.dtype)
     merged.append(_ties_stack(r, threshold, majority, scaling))
+    del r
+    if lazy:   # the next lazy stack is made only once this one is freed
+      jax.block_until_ready(merged[-1])
   return merged, {}
 
 
@@ -260,16 +291,19 @@ def combine(
 ) -> tuple[list[jax.Array], dict]:
   """Merges per-task values [L, n, R, C] of every stack into [L, R, C].
 
+  `reps`: arrays, or zero-argument callables returning them (lazy stacks, made
+  on the fly in every pass and dropped after use: see `_merge_dense`).
+
   `padded`: stacks may be longer than their module lists (sharded stacks);
   the extra rows must be invalid (zero) and DARE draws its mask for the true length.
   """
   if method.dare:
-    reps = [_dare_stack(r, stack_key(seed, m), drop_rate, len(m) if padded else None)
+    reps = [_lazy_dare(r, stack_key(seed, m), drop_rate, len(m) if padded else None)
             for r, m in zip(reps, modules)]
   if method.combine == "sum":
-    return [_sum_stack(r, scaling) for r in reps], {}
+    return _per_stack(lambda r: _sum_stack(r, scaling), reps), {}
   if method.combine == "mean":
-    return [_mean_stack(r, scaling) for r in reps], {}
+    return _per_stack(lambda r: _mean_stack(r, scaling), reps), {}
   if top_k_scope == "model":
     return _ties_model(reps, valids, top_k, scaling)
   if top_k_scope == "layer":
@@ -325,15 +359,21 @@ def _merge_linear(factors: Sequence[FactorStack], spec: Method, scaling: float, 
 
 
 def _merge_dense(factors: Sequence[FactorStack], spec: Method, hyper: dict, dt, mesh):
-  """The method on the dense task updates b @ a of every stack (no KnOTS)."""
+  """The method on the dense task updates b @ a of every stack (no KnOTS).
+
+  Streams: the dense updates [L, n, out, in] (n times the adapted weights) are
+  never all held; each stack's are made from its factors when a pass needs
+  them (lazy stacks, see `combine`) and dropped after use.
+  """
   if mesh is not None:
-    reps = [_matmul(sharding.place_stack(f.b, mesh, dt), sharding.place_stack(f.a, mesh, dt))
-            for f in factors]
+    reps = [functools.partial(_matmul, sharding.place_stack(f.b, mesh, dt),
+                              sharding.place_stack(f.a, mesh, dt)) for f in factors]
     valids = [sharding.place_stack(np.ones((len(f.modules), f.b.shape[2]), bool), mesh,
                                    fill=False) for f in factors]
   else:
-    reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in factors]
-    valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
+    reps = [functools.partial(jnp.matmul, jnp.asarray(f.b, dt), jnp.asarray(f.a, dt))
+            for f in factors]
+    valids = [jnp.ones((f.b.shape[0], f.b.shape[2]), bool) for f in factors]
   merged, info = combine(reps, valids, [f.modules for f in factors], spec, **hyper,
                          padded=mesh is not None)
   if mesh is not None:
