@@ -44,20 +44,9 @@ _METADATA = {"format": "pt"}   # transformers refuses safetensors files without 
 
 def _header(model_dir: str, keys: Iterable[str] | None = None):
   """{key: (file, shape, numpy dtype)} from the safetensors headers only."""
-  files = checkpoint.tensor_files(model_dir)
-  if keys is None:
-    keys = list(files)
-  else:
-    keys = list(keys)
-    missing = [k for k in keys if k not in files]
-    if missing:
-      raise KeyError(f"`{model_dir}` has no tensor {missing[0]!r}"
-                     f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}")
-  by_file: dict[str, list[str]] = {}
-  for key in keys:
-    by_file.setdefault(files[key], []).append(key)
+  keys = list(checkpoint.tensor_files(model_dir) if keys is None else keys)
   info = {}
-  for path, file_keys in by_file.items():
+  for path, file_keys in checkpoint.keys_by_file(model_dir, keys).items():
     with safetensors.safe_open(path, framework="numpy") as f:
       for key in file_keys:
         s = f.get_slice(key)

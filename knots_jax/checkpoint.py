@@ -33,13 +33,24 @@ def tensor_files(model_dir: str) -> dict[str, str]:
       "found (pickled .bin backbones are not supported; re-save with safe_serialization=True)")
 
 
+def keys_by_file(model_dir: str, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
+  """{safetensors file: its keys among `keys` (default: all)}; KeyError for missing keys."""
+  files = tensor_files(model_dir)
+  keys = list(files) if keys is None else list(keys)
+  missing = [k for k in keys if k not in files]
+  if missing:
+    raise KeyError(f"`{model_dir}` has no tensor {missing[0]!r}"
+                   f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}")
+  by_file: dict[str, list[str]] = {}
+  for key in keys:
+    by_file.setdefault(files[key], []).append(key)
+  return by_file
+
+
 def weight_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
   """{tensor key: shape} from the safetensors headers only."""
   shapes = {}
-  by_file: dict[str, list[str]] = {}
-  for key, path in tensor_files(model_dir).items():
-    by_file.setdefault(path, []).append(key)
-  for path, keys in by_file.items():
+  for path, keys in keys_by_file(model_dir).items():
     with safetensors.safe_open(path, framework="numpy") as f:
       for key in keys:
         shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -48,17 +59,8 @@ def weight_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
 
 def read_tensors(model_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
   """Reads only `keys` (in their stored dtype; bf16 as ml_dtypes.bfloat16)."""
-  files = tensor_files(model_dir)
-  keys = list(keys)
-  missing = [k for k in keys if k not in files]
-  if missing:
-    raise KeyError(f"`{model_dir}` has no tensor {missing[0]!r}"
-                   f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}")
-  by_file: dict[str, list[str]] = {}
-  for key in keys:
-    by_file.setdefault(files[key], []).append(key)
   out = {}
-  for path, file_keys in by_file.items():
+  for path, file_keys in keys_by_file(model_dir, keys).items():
     with safetensors.safe_open(path, framework="numpy") as f:
       for key in file_keys:
         out[key] = f.get_tensor(key)
