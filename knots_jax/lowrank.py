@@ -35,11 +35,19 @@ def _split(u: jax.Array, s: jax.Array, vt: jax.Array, rank: int):
   return b_r, a_r, err
 
 
+def factored_svd(b: jax.Array, a: jax.Array):
+  """Thin SVD of `b @ a` (b [out, k], a [k, in]) without the dense product.
+
+  `b = Q R`, SVD of the small `R a = Um S Vt`, `U = Q Um`: O((out + in) k^2).
+  Returns u [out, m], s [m] (descending), vt [m, in], m = min(out, k, in).
+  """
+  q, r = jnp.linalg.qr(b)
+  um, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
+  return q @ um, s, vt
+
+
 def _truncate_factors_one(b: jax.Array, a: jax.Array, rank: int):
-  q, r = jnp.linalg.qr(b)                                 # [out, p], [p, k]
-  um, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)  # [p, m], [m], [m, in]
-  b_r, a_r, err = _split(um, s, vt, rank)
-  return q @ b_r, a_r, err
+  return _split(*factored_svd(b, a), rank)
 
 
 @functools.partial(jax.jit, static_argnames="rank")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from knots_jax import lowrank
+from knots_jax.lowrank import factored_svd
 from knots_jax.methods import kth_rank
 
 DEFAULT_RTOL = 1e-5
@@ -69,17 +70,6 @@ def _cat_a(a: jax.Array) -> jax.Array:
   """[n, r, in] -> A_cat = [A_1; ...; A_n] [n r, in]."""
   n, r, inp = a.shape
   return a.reshape(n * r, inp)
-
-
-def factored_svd(b: jax.Array, a: jax.Array):
-  """Thin SVD of `b @ a` (b [out, k], a [k, in]) without the dense product.
-
-  `b = Q R`, SVD of the small `R a = Um S Vt`, `U = Q Um`: O((out + in) k^2).
-  Returns u [out, m], s [m] (descending), vt [m, in], m = min(out, k, in).
-  """
-  q, r = jnp.linalg.qr(b)
-  um, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
-  return q @ um, s, vt
 
 
 def _polar_pair(u: jax.Array, v: jax.Array, rtol: float = POLAR_RTOL):
