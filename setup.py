@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "optax>=0.2",
     "orbax-checkpoint>=0.11",
     "numpy>=1.26",
+    "ml_dtypes>=0.4",
     "ml_collections>=1.0",
     "safetensors>=0.4",
     "transformers>=4.45",

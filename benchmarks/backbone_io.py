@@ -6,18 +6,28 @@ r"""Full merged model on disk: our read + merge + write against a plain copy of 
 The script writes a random Llama-shaped HF checkpoint in bf16 itself (random
 tensors under the right names and shapes, safetensors shards + index +
 config.json; no transformers initialisation) and 6 PEFT adapters of rank 16
-on q, k, v, o. Then, each in its own fresh process (so the peak resident
-memory of one does not hide the other's):
+on q, k, v, o. Then, each in its own fresh process (so neither compiled
+programs nor the peak resident memory of one run reach the next):
 
-  plain  read every tensor with safetensors and write them again as shards of
-         the same size (safetensors.numpy.save_file, one shard in memory)
-  ours   load the adapters, KnOTS-TIES (top-K 30), and
-         `backbone.save_merged_model` (read, base + merged update, write)
-  orbax  the same merge, then `model_checkpoint.save_merged_model_orbax`
-         (informational: it holds the whole merged model)
+  plain       read every tensor with safetensors and write them again as shards
+              of the same size (safetensors.numpy.save_file, one shard in
+              memory): the baseline of the target
+  cp          `shutil.copyfile` of every file (the kernel copies; informational)
+  ours        load the adapters, KnOTS-TIES (top-K 30) from a cold start (jit
+              compilation included), then `backbone.save_merged_model`: the
+              unchanged tensors copied file to file on a thread while the
+              q/k/v/o weights get base + merged update; then warm repeats of
+              both (informational). This is what `knots-jax merge` does on the
+              CPU backend.
+  overlap     the same with `backbone.MergedModelWriter(overlap=True)`: the copy
+              starts before the merge and runs beside it (the default on
+              accelerators; on the CPU backend it competes with XLA for cores)
+  orbax       the same merge, then `model_checkpoint.save_merged_model_orbax`
+              (informational: it holds the whole merged model)
 
-and reports the wall times, `ours / plain` (target <= 2), and each process's
-peak RSS (`ru_maxrss`) against the largest shard (target for `ours`:
+each `--repeat` times (default 3; the run with the median total is reported,
+every total is kept), and reports the wall times, `ours / plain` (target <= 2), and each process's
+peak RSS (VmHWM) against the largest shard (target for `ours`:
 < 1.5x). The base files are in the page cache for every run (they were just
 written), so the times are of CPU and memory work more than of disk reads.
 Results go to benchmarks/results/backbone_io[_quick].json with the machine.
@@ -36,7 +46,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -144,52 +153,88 @@ def _reset_peak() -> bool:
     return False
 
 
+_PEAK = [0.0]   # the process's peak RSS so far, over the phases (VmHWM is reset per phase)
+
+
 def _phase_peak(fn):
   """(fn(), peak RSS during fn in MiB or None when VmHWM cannot be reset)."""
+  _PEAK[0] = max(_PEAK[0], _status_mib("VmHWM"))
   can = _reset_peak()
   value = fn()
-  return value, (_status_mib("VmHWM") if can else None)
+  peak = _status_mib("VmHWM")
+  _PEAK[0] = max(_PEAK[0], peak)
+  return value, (peak if can else None)
+
+
+def _process_peak_mib() -> float:
+  """Peak RSS of this process. VmHWM, not `ru_maxrss`: after fork + exec, ru_maxrss
+  starts from the forking parent's RSS (here the script that wrote the base model)."""
+  return max(_PEAK[0], _status_mib("VmHWM"))
+
+
+def _plain_copy(spec: dict, index: str) -> None:
+  """Every tensor read with safetensors and written again, one shard in memory at a time."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  with open(os.path.join(spec["base"], index)) as f:
+    weight_map = json.load(f)["weight_map"]
+  by_file: dict[str, list[str]] = {}
+  for key, name in weight_map.items():
+    by_file.setdefault(name, []).append(key)
+  os.makedirs(spec["out"])
+  for name, keys in by_file.items():
+    with safe_open(os.path.join(spec["base"], name), framework="numpy") as f:
+      tensors = {k: f.get_tensor(k) for k in keys}
+    save_file(tensors, os.path.join(spec["out"], name), metadata={"format": "pt"})
+    del tensors
+  shutil.copyfile(os.path.join(spec["base"], index), os.path.join(spec["out"], index))
+
+
+def _cp(spec: dict, index: str) -> None:
+  os.makedirs(spec["out"])
+  for name in os.listdir(spec["base"]):
+    shutil.copyfile(os.path.join(spec["base"], name), os.path.join(spec["out"], name))
 
 
 def child(mode: str, spec: dict) -> dict:
   """One measurement, in this (fresh) process."""
   out = {"rss_after_imports_mib": None}
-  if mode == "plain":
-    import safetensors
-    from safetensors.numpy import save_file
-    from knots_jax import checkpoint
+  if mode in ("plain", "cp"):
+    from knots_jax import checkpoint   # imports safetensors.numpy before the clock starts
     out["rss_after_imports_mib"] = _rss_now_mib()
-
-    def copy():
-      with open(os.path.join(spec["base"], checkpoint.INDEX)) as f:
-        weight_map = json.load(f)["weight_map"]
-      by_file: dict[str, list[str]] = {}
-      for key, name in weight_map.items():
-        by_file.setdefault(name, []).append(key)
-      os.makedirs(spec["out"])
-      for name, keys in by_file.items():
-        with safetensors.safe_open(os.path.join(spec["base"], name), framework="numpy") as f:
-          tensors = {k: f.get_tensor(k) for k in keys}
-        save_file(tensors, os.path.join(spec["out"], name), metadata={"format": "pt"})
-        del tensors
-      shutil.copyfile(os.path.join(spec["base"], checkpoint.INDEX),
-                      os.path.join(spec["out"], checkpoint.INDEX))
-
     start = time.perf_counter()
-    _, out["peak_rss_write_mib"] = _phase_peak(copy)
+    _, out["peak_rss_write_mib"] = _phase_peak(
+        lambda: (_plain_copy if mode == "plain" else _cp)(spec, checkpoint.INDEX))
     out["seconds"] = {"total": time.perf_counter() - start}
+    out["peak_rss_mib"] = _process_peak_mib()
+    return out
+
+  import jax
+  import knots_jax
+  from knots_jax import backbone, model_checkpoint
+  out["rss_after_imports_mib"] = _rss_now_mib()
+  out["devices"] = [str(d) for d in jax.devices()]
+  merge = lambda adapters: knots_jax.merge(adapters, "knots_ties", top_k=30)
+  t, start = {}, time.perf_counter()
+  adapters = knots_jax.load_adapters(spec["adapters"])
+  t["load adapters"] = time.perf_counter() - start
+  if mode == "overlap":
+    def run():
+      with backbone.MergedModelWriter(spec["base"], spec["out"], max_shard_size=spec["shard"],
+                                      changed=backbone.changed_keys(adapters),
+                                      overlap=True) as writer:
+        begin = time.perf_counter()
+        result = merge(adapters)
+        t["merge (cold, the copy running)"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        writer.finish(result)
+        t["finish: merged tensors, wait for the copy"] = time.perf_counter() - begin
+
+    _, out["peak_rss_write_mib"] = _phase_peak(run)
+    t["total"] = time.perf_counter() - start
   else:
-    import jax
-    import knots_jax
-    from knots_jax import backbone, model_checkpoint
-    out["rss_after_imports_mib"] = _rss_now_mib()
-    out["devices"] = [str(d) for d in jax.devices()]
-    t, start = {}, time.perf_counter()
-    adapters = knots_jax.load_adapters(spec["adapters"])
-    t["load adapters"] = time.perf_counter() - start
     begin = time.perf_counter()
-    result, out["peak_rss_merge_mib"] = _phase_peak(
-        lambda: knots_jax.merge(adapters, "knots_ties", top_k=30))
+    result, out["peak_rss_merge_mib"] = _phase_peak(lambda: merge(adapters))
     t["merge (cold: jit compilation included)"] = time.perf_counter() - begin
     out["rss_after_merge_mib"] = _rss_now_mib()
 
@@ -208,12 +253,12 @@ def child(mode: str, spec: dict) -> dict:
     t["(read + add + write, again)"] = time.perf_counter() - begin
     shutil.rmtree(spec["out"] + "_again", ignore_errors=True)
     begin = time.perf_counter()
-    knots_jax.merge(adapters, "knots_ties", top_k=30)   # warm: compiled programs reused
+    merge(adapters)   # warm: compiled programs reused
     t["(merge, warm)"] = time.perf_counter() - begin
     t["(total with a warm merge)"] = (t["load adapters"] + t["(merge, warm)"]
                                       + t["read + add + write"])
-    out["seconds"] = t
-  out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  out["seconds"] = t
+  out["peak_rss_mib"] = _process_peak_mib()
   return out
 
 
@@ -240,7 +285,10 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="~100 M parameters, 100MB shards")
   parser.add_argument("--adapters", type=int, default=6)
   parser.add_argument("--rank", type=int, default=16)
-  parser.add_argument("--no-orbax", action="store_true", help="skip the Orbax writer")
+  parser.add_argument("--repeat", type=int, default=3,
+                      help="fresh processes per run; the one with the median total is reported")
+  parser.add_argument("--modes", default="plain,cp,ours,overlap,orbax",
+                      help="runs to make (plain and ours are needed for the ratios)")
   parser.add_argument("--json", default="", help="results file (default: benchmarks/results/"
                                                  "backbone_io[_quick].json)")
   parser.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
@@ -250,7 +298,9 @@ def main() -> None:
     return
 
   size = QUICK if args.quick else FULL
-  results = {"machine": machine(), "size": size, "adapters": args.adapters, "rank": args.rank}
+  results = {"machine": machine(), "size": size, "adapters": args.adapters, "rank": args.rank,
+             "repeat": args.repeat}
+  print("machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()))
   root = tempfile.mkdtemp(prefix="knots_backbone_io_")
   try:
     start = time.perf_counter()
@@ -261,37 +311,48 @@ def main() -> None:
     print(f"wrote a {results['base']['parameters'] / 1e6:.0f} M-parameter bf16 base "
           f"({results['base']['shards']} shards, largest {largest:.0f} MiB) and "
           f"{args.adapters} adapters in {time.perf_counter() - start:.1f}s")
-    modes = ["plain", "ours"] + ([] if args.no_orbax else ["orbax"])
+    modes = args.modes.split(",")
     for mode in modes:
       spec = {"base": base, "out": os.path.join(root, f"out_{mode}"), "adapters": adapters,
               "shard": size["shard"]}
-      r = measure(mode, spec)
+      runs = []
+      for _ in range(args.repeat):
+        os.sync()   # no dirty pages of the previous run written back during this one
+        runs.append(measure(mode, spec))
+        shutil.rmtree(spec["out"], ignore_errors=True)
+      totals = [run["seconds"]["total"] for run in runs]
+      r = runs[int(np.argsort(totals)[len(runs) // 2])]
+      r["totals_of_all_runs"] = totals
       r["peak_rss_over_largest_shard"] = r["peak_rss_mib"] / largest
       if r.get("peak_rss_write_mib") is not None:
         r["write_peak_over_largest_shard"] = r["peak_rss_write_mib"] / largest
       results[mode] = r
-      print(f"{mode:>5}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items()))
+      print(f"{mode:>5}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["seconds"].items())
+            + f"  [median of {len(runs)}; totals {', '.join(f'{x:.2f}' for x in totals)}]")
       print(f"       peak RSS {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_over_largest_shard']:.2f}x "
             f"the largest shard); {r['rss_after_imports_mib']:.0f} MiB after imports"
             + (f", {r['peak_rss_merge_mib']:.0f} MiB peak while merging"
                if r.get("peak_rss_merge_mib") else "")
             + (f", {r['peak_rss_write_mib']:.0f} MiB peak while reading/writing the model"
-               if r.get("peak_rss_write_mib") else ""))
+               if r.get("peak_rss_write_mib") else "")
+            + (f" ({r['rss_after_merge_mib']:.0f} MiB before it)"
+               if r.get("rss_after_merge_mib") else ""))
       shutil.rmtree(spec["out"], ignore_errors=True)
-    plain = results["plain"]["seconds"]["total"]
-    ours = results["ours"]["seconds"]
-    results["ratios"] = {
-        "ours_total_over_plain": ours["total"] / plain,
-        "ours_total_warm_merge_over_plain": ours["(total with a warm merge)"] / plain,
-        "ours_read_add_write_over_plain": ours["read + add + write"] / plain,
-        "ours_read_add_write_again_over_plain": ours["(read + add + write, again)"] / plain,
-        "ours_peak_rss_over_largest_shard": results["ours"]["peak_rss_over_largest_shard"]}
+    total = {m: results[m]["seconds"]["total"] for m in modes}
+    ratios = {f"{m}_total_over_{b}": total[m] / total[b]
+              for m in modes if m not in ("plain", "cp") for b in ("plain", "cp") if b in modes}
+    if "ours" in modes and "plain" in modes:
+      ours = results["ours"]["seconds"]
+      ratios["ours_total_warm_merge_over_plain"] = (ours["(total with a warm merge)"]
+                                                    / total["plain"])
+      ratios["ours_read_add_write_over_plain"] = ours["read + add + write"] / total["plain"]
+    results["ratios"] = ratios
     results["load_average_at_end"] = list(os.getloadavg())
-    print("ours / plain time: " + ", ".join(
-        f"{k.removeprefix('ours_').removesuffix('_over_plain')} {v:.2f}x"
-        for k, v in results["ratios"].items() if k.endswith("_over_plain"))
-        + " (target <= 2); peak RSS of ours: "
-        f"{results['ours']['peak_rss_over_largest_shard']:.2f}x the largest shard (target < 1.5)")
+    print("time ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+          + " (target: ours_total_over_plain <= 2)")
+    if "ours" in modes:
+      print(f"peak RSS of ours: {results['ours']['peak_rss_over_largest_shard']:.2f}x the "
+            "largest shard (target < 1.5)")
     path = args.json or os.path.join(ROOT, "benchmarks", "results",
                                      f"backbone_io{'_quick' if args.quick else ''}.json")
     with open(path, "w") as f:

@@ -11,9 +11,11 @@
   the device in float32 from the factors, transposed for fan_in_fan_out, cast
   back to the base dtype), merged modules_to_save tensors, every other tensor
   as stored.
-* `save_merged_model`: the full merged model as HF safetensors shards +
-  index that `transformers.AutoModelForCausalLM.from_pretrained` loads,
-  streamed tensor by tensor into the shard files (`ShardWriter`).
+* `save_merged_model` / `MergedModelWriter`: the full merged model as HF
+  safetensors shards + index that `transformers` loads. The unchanged tensors
+  are copied file to file on a background thread (with `MergedModelWriter`,
+  while the merge itself still runs), the merged ones written into their
+  slots (`shard_files.ShardWriter`).
 
 The Orbax form of the full model is in `knots_jax.model_checkpoint`.
 """
@@ -22,11 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
-import struct
+import threading
 from typing import Iterable, Iterator, Mapping
 
 import jax
@@ -35,7 +36,7 @@ import numpy as np
 import safetensors
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from knots_jax import checkpoint, outputs, sharding
+from knots_jax import checkpoint, outputs, shard_files, sharding
 from knots_jax.result import MergeResult
 
 COPIED_FILES = ("config.json", "generation_config.json")
@@ -54,41 +55,8 @@ def _header(model_dir: str, keys: Iterable[str] | None = None):
     with safetensors.safe_open(path, framework="numpy") as f:
       for key in file_keys:
         s = f.get_slice(key)
-        info[key] = (path, tuple(s.get_shape()), _np_dtype(s.get_dtype()))
+        info[key] = (path, tuple(s.get_shape()), shard_files.numpy_dtype(s.get_dtype()))
   return {k: info[k] for k in keys}
-
-
-def data_offsets(path: str) -> dict[str, tuple[int, int]]:
-  """{key: (first byte, end byte)} of every tensor's data in one safetensors file, from its header.
-
-  Offsets are absolute positions in the file (the header's `data_offsets`
-  are relative to the end of the header), so a tensor's stored bytes can be
-  copied without reading them into arrays.
-  """
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise ValueError(f"`{path}` is not a safetensors file (shorter than 8 bytes)")
-    (length,) = struct.unpack("<Q", raw)
-    try:
-      header = json.loads(f.read(length))
-    except ValueError as e:
-      raise ValueError(f"`{path}`: unreadable safetensors header ({e})") from None
-  start = 8 + length
-  return {k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-          for k, v in header.items() if k != "__metadata__"}
-
-
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _np_dtype(name: str) -> np.dtype:
-  if name == "BF16":
-    return np.dtype(jnp.bfloat16)
-  if name not in _DTYPES:
-    raise ValueError(f"safetensors dtype {name} is not supported by read_backbone")
-  return np.dtype(_DTYPES[name])
 
 
 def weight_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
@@ -168,6 +136,22 @@ def _module_updates(result: MergeResult) -> dict[str, tuple]:
   return updates
 
 
+def check_fits(result: MergeResult, model_dir: str, base_keys, *, extra: bool = True) -> None:
+  """Raises ValueError unless the base has a tensor for every merged module and (with
+  `extra`) every merged modules_to_save tensor: none is dropped silently from a full model."""
+  missing = [k for k in _module_updates(result) if k not in base_keys]
+  if missing:
+    raise ValueError(f"base model `{model_dir}` has no tensor {missing[0]!r} for the merged "
+                     f"module (and {len(missing) - 1} more): is it the adapters' base model?")
+  absent = sorted(k for k in result.extra if k not in base_keys) if extra else []
+  if absent:
+    raise ValueError(
+        f"base model `{model_dir}` has no tensor {absent[0]!r} (and {len(absent) - 1} more) for "
+        "the merged modules_to_save tensors: the adapters replace a layer the base lacks (e.g. "
+        "a `score` head on a causal-LM checkpoint). Use a base with that layer, or "
+        "modules_to_save='drop' to leave them out of the full model")
+
+
 def _on(mesh: Mesh | None, x) -> jax.Array:
   """A small host or device array, replicated on `mesh` (as is without a mesh)."""
   if mesh is None:
@@ -204,14 +188,13 @@ def merged_model_weights(result: MergeResult, model_dir: str, mesh: Mesh | None 
   the factors of a factored merge, or the dense update of TIES / DARE,
   transposed to [in, out] when the adapters are fan_in_fan_out. modules_to_save
   tensors of the merge (`result.extra`) replace the base ones, cast to the base
-  dtype. Every other tensor is yielded as stored. Only one tensor is read at a time.
+  dtype; those the base lacks (a classification head on a causal-LM base) are not
+  yielded: chain `result.extra.items()` for them. Every other tensor is yielded as
+  stored. Only one tensor is read at a time.
   """
   header = _header(model_dir, keys)
   updates = _module_updates(result)
-  missing = [k for k in updates if k not in checkpoint.tensor_files(model_dir)]
-  if missing:
-    raise ValueError(f"base model `{model_dir}` has no tensor {missing[0]!r} for the merged "
-                     f"module (and {len(missing) - 1} more)")
+  check_fits(result, model_dir, checkpoint.tensor_files(model_dir), extra=False)
   transpose = result.fan_in_fan_out
   for key, (path, shape, stored) in header.items():
     base = _read_one(path, key, shape, stored, mesh, None)
@@ -285,99 +268,6 @@ def plan_shards(header: Mapping[str, tuple], max_bytes: int) -> list[list[str]]:
   return [s for s in shards if s]
 
 
-_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_DTYPE_NAMES[np.dtype(jnp.bfloat16)] = "BF16"
-
-
-class ShardWriter:
-  """Writes one safetensors file tensor by tensor, without holding the shard in memory.
-
-  The header (names, dtypes, shapes, byte offsets) is known from the base
-  model's headers before any tensor is computed, so it is written first and
-  every tensor is appended as it arrives. `safetensors.numpy.save_file` instead
-  needs the whole shard as arrays and then copies it into one bytes object
-  (about 2x the shard at its peak). The file follows the safetensors layout: a
-  little-endian u64 header length, the JSON header padded with spaces to a
-  multiple of 8 bytes, then the tensors' bytes back to back in header order.
-  """
-
-  def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
-               metadata: Mapping[str, str] | None = None):
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    self._expected = []
-    for key, shape, dtype in entries:
-      dtype = np.dtype(dtype)
-      if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"`{key}`: dtype {dtype} cannot be written to safetensors here")
-      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-      header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
-                     "data_offsets": [offset, offset + nbytes]}
-      self._expected.append((key, tuple(shape), dtype))
-      offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    self.path = path
-    self.nbytes = offset
-    self._file = open(path, "wb")
-    self._file.write(struct.pack("<Q", len(text)) + text)
-    self._next = 0
-
-  def write(self, key: str, array: np.ndarray) -> None:
-    """Appends the next tensor; it must be the next entry, with its shape and dtype."""
-    if self._next >= len(self._expected):
-      raise ValueError(f"{self.path}: `{key}` is not in this shard")
-    want_key, shape, dtype = self._expected[self._next]
-    if key != want_key or array.shape != shape or array.dtype != dtype:
-      raise ValueError(f"{self.path}: expected `{want_key}` {shape} {dtype}, got `{key}` "
-                       f"{array.shape} {array.dtype}")
-    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    self._file.write(flat)
-    self._next += 1
-
-  def copy_from(self, key: str, path: str, begin: int, end: int,
-                chunk: int = 64 * 2**20) -> None:
-    """Appends the next tensor as the bytes [begin, end) of the file `path`, in chunks.
-
-    For tensors written unchanged: no array is made, and at most `chunk`
-    bytes are in memory at a time.
-    """
-    if self._next >= len(self._expected):
-      raise ValueError(f"{self.path}: `{key}` is not in this shard")
-    want_key, shape, dtype = self._expected[self._next]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if key != want_key or end - begin != nbytes:
-      raise ValueError(f"{self.path}: expected `{want_key}` ({nbytes} bytes), got `{key}` "
-                       f"({end - begin} bytes from {path})")
-    with open(path, "rb") as src:
-      src.seek(begin)
-      left = nbytes
-      while left:
-        block = src.read(min(chunk, left))
-        if not block:
-          raise ValueError(f"{path}: file ends inside tensor `{key}`")
-        self._file.write(block)
-        left -= len(block)
-    self._next += 1
-
-  def close(self) -> None:
-    """Checks that every tensor was written, then closes the file."""
-    self._file.close()
-    if self._next != len(self._expected):
-      missing = self._expected[self._next][0]
-      raise ValueError(f"{self.path}: `{missing}` and {len(self._expected) - self._next - 1} "
-                       "more tensors were not written")
-
-  def __enter__(self) -> "ShardWriter":
-    return self
-
-  def __exit__(self, kind, *_):
-    if kind is None:
-      self.close()
-    else:
-      self._file.close()
-
-
 def copy_model_files(model_dir: str, out_dir: str) -> None:
   """Copies the base's config.json and generation_config.json (when present) to `out_dir`."""
   for name in COPIED_FILES:
@@ -394,6 +284,215 @@ def knots_record(result: MergeResult, model_dir: str, **merged_model) -> dict:
           "merged_model": {"base_model": os.path.abspath(model_dir), **merged_model}}
 
 
+def changed_keys(adapters) -> set[str]:
+  """The base tensors a merge of `adapters` (an `AdapterSet`) replaces, known before merging:
+  `<module>.weight` of every adapted module and the modules_to_save tensors."""
+  keys = {f"{m}.weight" for m in adapters.module_names}
+  for adapter in adapters.adapters:
+    keys.update(adapter.extra)
+  return keys
+
+
+_END = object()
+
+
+def _one_ahead(items: Iterator):
+  """The items of `items`, each handed out after the next one was asked for: the
+  device computes the next merged tensor while the host writes this one."""
+  current = next(items, _END)
+  while current is not _END:
+    following = next(items, _END)
+    yield current
+    current = following
+
+
+class MergedModelWriter:
+  """The full merged model as a HF safetensors checkpoint, begun before the merge is done.
+
+  Opening it plans the shards and creates the files (headers first,
+  `shard_files.ShardWriter`) in a temporary directory. The base tensors
+  outside `changed` (those the merge will replace: `changed_keys(adapters)`)
+  are copied file to file on a background thread: most of a model's bytes
+  (embeddings, MLPs, norms, the LM head). With `overlap` the copy starts at
+  once and runs beside the merge; otherwise it starts in `finish`. `finish(result)`
+  computes and writes the merged tensors one at a time (beside the copy), waits
+  for the copy and moves the directory into place (`outputs.atomic_output_dir`).
+  Leaving the `with` block without `finish`, or with an error, stops the copy
+  and leaves no `out_dir`.
+
+      with backbone.MergedModelWriter("llama/", "merged/",
+                                      changed=backbone.changed_keys(adapters)) as writer:
+        result = knots_jax.merge(adapters, "knots_ties", top_k=30)
+        report = writer.finish(result)
+
+  `overlap` defaults to True when JAX's default backend is an accelerator (the
+  merge runs there, the copy on the host) and False on the CPU backend, where
+  the copy takes cores from XLA's compute threads: on the 2-core test host a
+  merge beside the copy took 1.2-1.6x longer and the whole job was no faster
+  (docs/performance.md).
+
+  `changed` is a hint: a tensor the result does not change after all is
+  copied in `finish`, and one it changes that was not announced is written
+  over its copy (after the copy thread is done). On several processes every
+  process opens the writer and calls `finish` (the merged tensors are computed
+  on the global mesh); only process 0 writes, and only it copies.
+  """
+
+  def __init__(self, model_dir: str, out_dir: str, *, changed: Iterable[str] = (),
+               overlap: bool | None = None, max_shard_size: int | str = "2GB",
+               overwrite: bool = False, mesh: Mesh | None = None, progress: bool = False):
+    max_bytes = parse_size(max_shard_size)
+    outputs.check_output_dir(out_dir, overwrite)
+    self._model_dir, self._out_dir, self._mesh = model_dir, out_dir, mesh
+    self._header = _header(model_dir)
+    self._plan = plan_shards(self._header, max_bytes)
+    n = len(self._plan)
+    self._names = (["model.safetensors"] if n == 1 else
+                   [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    self._hint = set(changed) & set(self._header)
+    self._writes = jax.process_index() == 0
+    self._shards: dict[str, shard_files.ShardWriter] = {}
+    self._offsets: dict[str, dict] = {}
+    self._stop = threading.Event()
+    self._error: BaseException | None = None
+    self._thread: threading.Thread | None = None
+    self._finished = self._aborted = False
+    self._lock = threading.Lock()
+    self._exit = contextlib.ExitStack()
+    if overlap is None:
+      overlap = jax.default_backend() != "cpu"
+    try:
+      self._bar = self._exit.enter_context(sharding.progress_bar(
+          desc="write model", total=len(self._header), unit="tensor", disable=not progress))
+      if self._writes:
+        self._tmp = self._exit.enter_context(outputs.atomic_output_dir(out_dir, overwrite))
+        for name, keys in zip(self._names, self._plan):
+          writer = shard_files.ShardWriter(
+              os.path.join(self._tmp, name),
+              [(k, self._header[k][1], self._header[k][2]) for k in keys], _METADATA)
+          self._exit.callback(writer.close, check=False)
+          self._shards.update({k: writer for k in keys})
+        if overlap:
+          self._start_copy()
+    except BaseException as e:
+      self._abort(e)
+      raise
+
+  def _start_copy(self) -> None:
+    """The copy of every tensor outside the hint, on a background thread."""
+    todo = [k for k in self._header if k not in self._hint]
+    self._thread = threading.Thread(target=self._copy_all, args=(todo,), daemon=True,
+                                    name="knots-jax copy unchanged tensors")
+    self._thread.start()
+
+  def _tick(self) -> None:
+    with self._lock:
+      self._bar.update(1)
+
+  def _copy(self, key: str) -> None:
+    """Tensor `key` of the base, copied byte for byte into its slot."""
+    path = self._header[key][0]
+    if path not in self._offsets:
+      self._offsets[path] = shard_files.data_offsets(path)
+    self._shards[key].copy_from(key, path, *self._offsets[path][key], stop=self._stop)
+    self._tick()
+
+  def _copy_all(self, keys: list[str]) -> None:
+    try:
+      for key in keys:
+        if self._stop.is_set():
+          return
+        self._copy(key)
+    except BaseException as e:   # reported by finish()
+      self._error = e
+
+  def _join(self) -> None:
+    if self._thread is not None:
+      self._thread.join()
+    if self._error is not None:
+      raise self._error
+
+  def _abort(self, error: BaseException) -> None:
+    if self._aborted:
+      return
+    self._aborted = True
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    self._exit.__exit__(type(error), error, error.__traceback__)
+
+  def finish(self, result: MergeResult) -> dict:
+    """Writes the merged tensors of `result`, completes the files and puts `out_dir` in place.
+
+    Returns {"path", "shards", "tensors", "merged" (adapted tensors), "total_size"}.
+    """
+    if self._finished or self._aborted:
+      raise RuntimeError("MergedModelWriter.finish was already called")
+    try:
+      return self._finish(result)
+    except BaseException as e:
+      self._abort(e)
+      raise
+
+  def _finish(self, result: MergeResult) -> dict:
+    if not result.stacks:
+      raise ValueError("the merge result has no modules; nothing to write")
+    check_fits(result, self._model_dir, self._header)
+    updates = _module_updates(result)
+    changed = [k for k in self._header if k in updates or k in result.extra]
+    if self._writes and self._thread is None:
+      self._start_copy()
+    if self._writes and any(k not in self._hint for k in changed):
+      self._join()   # those were being copied: overwrite them only after the copy
+    if not self._writes:   # other processes only compute the changed tensors
+      self._bar.reset(total=len(changed))
+    computed = merged_model_weights(result, self._model_dir, self._mesh, keys=changed)
+    for key, value in _one_ahead(computed):
+      host = sharding.to_host(value)
+      del value
+      if self._writes:
+        self._shards[key].write(key, host)
+      if key in self._hint or not self._writes:   # else the copy thread counted it
+        self._tick()
+      del host
+    total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                for _, shape, dtype in self._header.values())
+    n = len(self._plan)
+    if self._writes:
+      for key in self._header:
+        if key in self._hint and key not in changed:   # announced, left alone: as stored
+          self._copy(key)
+      self._join()
+      for writer in dict.fromkeys(self._shards.values()):
+        writer.close()
+      if n > 1:
+        weight_map = {k: name for name, keys in zip(self._names, self._plan) for k in keys}
+        outputs.write_json(os.path.join(self._tmp, checkpoint.INDEX),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+      copy_model_files(self._model_dir, self._tmp)
+      outputs.write_json(os.path.join(self._tmp, KNOTS_CONFIG), knots_record(
+          result, self._model_dir, format="safetensors", shards=n, tensors=len(self._header),
+          total_size=total))
+    self._finished = True
+    self._exit.close()   # closes the bar and moves the directory into place
+    return {"path": os.path.abspath(self._out_dir), "shards": n, "tensors": len(self._header),
+            "merged": sum(k in updates for k in self._header), "total_size": total}
+
+  def __enter__(self) -> "MergedModelWriter":
+    return self
+
+  def __exit__(self, kind, value, traceback):
+    if self._finished:
+      return False
+    if value is None:
+      value = RuntimeError("MergedModelWriter: the block ended without finish(result); "
+                           f"nothing was written to `{self._out_dir}`")
+      self._abort(value)
+      raise value
+    self._abort(value)
+    return False
+
+
 def save_merged_model(result: MergeResult, model_dir: str, out_dir: str, *,
                       max_shard_size: int | str = "2GB", overwrite: bool = False,
                       mesh: Mesh | None = None, progress: bool = False) -> dict:
@@ -402,81 +501,27 @@ def save_merged_model(result: MergeResult, model_dir: str, out_dir: str, *,
   Same key names and dtypes as the base; `config.json` and
   `generation_config.json` are copied, and `knots_config.json` says how the
   model was made. One shard: `model.safetensors`; more:
-  `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Each
-  changed tensor is computed, brought to the host and appended to its shard
-  file (`ShardWriter`), so the host holds about one tensor at a time (base,
-  merged value and its host copy), not a shard. Written atomically
-  (`outputs.atomic_output_dir`): a failure leaves no `out_dir`. Tensors the
-  merge does not change are copied byte for byte from the base files
-  (`ShardWriter.copy_from`), without going through arrays or devices.
+  `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`.
+  Tensors the merge does not change are copied byte for byte from the base
+  files on a background thread while the changed ones are computed one at a
+  time, brought to the host and written into their slots, so the host holds
+  about one tensor at a time, not a shard (`MergedModelWriter`). Written
+  atomically: a failure leaves no `out_dir`.
 
-  On several processes, every process must call this (the merged tensors are
-  computed on the global mesh); only process 0 writes. `progress` shows a bar
-  over the tensors (per host on several processes).
+  To start the copy before the merge is done, use `MergedModelWriter` directly.
+  On several processes, every process must call this; only process 0 writes.
+  `progress` shows a bar over the tensors (per host on several processes).
 
   Returns {"path", "shards", "tensors", "merged" (adapted tensors), "total_size"}.
   """
   if not result.stacks:
     raise ValueError("the merge result has no modules; nothing to write")
-  max_bytes = parse_size(max_shard_size)
-  outputs.check_output_dir(out_dir, overwrite)
-  header = _header(model_dir)
-  plan = plan_shards(header, max_bytes)
-  n = len(plan)
-  names = (["model.safetensors"] if n == 1 else
-           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-  writer = jax.process_index() == 0
-  updates = _module_updates(result)
-  weight_map = {k: name for name, shard_keys in zip(names, plan) for k in shard_keys}
-  total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-              for _, shape, dtype in header.values())
-
-  changed = set(updates) | set(result.extra)
-  offsets: dict[str, dict] = {}   # per base file, read once
-
-  def write_all(tmp):
-    with sharding.progress_bar(desc="write model", total=len(header), unit="tensor",
-                               disable=not progress) as bar:
-      for name, shard_keys in zip(names, plan):
-        entries = [(k, header[k][1], header[k][2]) for k in shard_keys]
-        # Only the tensors the merge changes go through the devices; on several
-        # processes every process computes them (same keys, same order).
-        computed = merged_model_weights(result, model_dir, mesh,
-                                        keys=[k for k in shard_keys if k in changed])
-        shard = ShardWriter(os.path.join(tmp, name), entries, _METADATA) if tmp else None
-        with shard or contextlib.nullcontext():
-          for key in shard_keys:
-            if key in changed:
-              got, value = next(computed)
-              host = sharding.to_host(value)
-              del value
-              if shard is not None:
-                shard.write(got, host)
-              del host
-            elif shard is not None:   # unchanged: the stored bytes, copied
-              path = header[key][0]
-              if path not in offsets:
-                offsets[path] = data_offsets(path)
-              shard.copy_from(key, path, *offsets[path][key])
-            bar.update(1)
-
-  report = {"path": os.path.abspath(out_dir), "shards": n, "tensors": len(header),
-            "merged": sum(k in updates for k in header), "total_size": total}
-  if not writer:
-    write_all(None)
-    return report
-  with outputs.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-    write_all(tmp)
-    if n > 1:
-      outputs.write_json(os.path.join(tmp, checkpoint.INDEX),
-                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-    copy_model_files(model_dir, tmp)
-    outputs.write_json(os.path.join(tmp, KNOTS_CONFIG), knots_record(
-        result, model_dir, format="safetensors", shards=n, tensors=len(header),
-        total_size=total))
-  return report
+  changed = set(_module_updates(result)) | set(result.extra)
+  with MergedModelWriter(model_dir, out_dir, changed=changed, max_shard_size=max_shard_size,
+                         overwrite=overwrite, mesh=mesh, progress=progress) as writer:
+    return writer.finish(result)
 
 
-__all__ = ["read_backbone", "merged_model_weights", "save_merged_model", "weight_sharding",
-           "parse_size", "plan_shards", "ShardWriter", "knots_record", "copy_model_files",
-           "adapted_keys", "data_offsets"]
+__all__ = ["read_backbone", "merged_model_weights", "save_merged_model", "MergedModelWriter",
+           "changed_keys", "weight_sharding", "parse_size", "plan_shards", "knots_record",
+           "copy_model_files", "adapted_keys"]

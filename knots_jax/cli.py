@@ -16,6 +16,7 @@ ConfigDict); `--config.<option>=<value>` overrides one option.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import sys
 import textwrap
@@ -140,13 +141,12 @@ def _check_full_model(config) -> None:
                        "process with a shared output path (docs/running.md)")
 
 
-def _write_full_model(result, config, out_dir: str, mesh) -> dict:
-  """merged_model/ (safetensors) and/or merged_model_orbax/ (Orbax) under `out_dir`."""
+def _write_full_model(result, config, out_dir: str, mesh,
+                      model_writer: backbone.MergedModelWriter | None) -> dict:
+  """merged_model/ (safetensors, by `model_writer`) and/or merged_model_orbax/ (Orbax)."""
   written = {}
-  if config.full_model_format in ("safetensors", "both"):
-    report = backbone.save_merged_model(result, config.base_model,
-                                        os.path.join(out_dir, "merged_model"), mesh=mesh,
-                                        progress=config.progress)
+  if model_writer is not None:
+    report = model_writer.finish(result)
     written["safetensors"] = {k: v for k, v in report.items() if k != "path"}
   if config.full_model_format in ("orbax", "both"):
     from knots_jax import model_checkpoint  # Orbax: imported only when asked for
@@ -185,36 +185,51 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
     adapters_lib.check_against_base(adapters, checkpoint.weight_shapes(config.base_model))
   times["load"] = time.perf_counter() - start
 
-  if cache and alignment_source is None:
-    alignment = merge_lib.align(adapters, path=config.path, concat=config.concat, tol=config.tol,
-                                dtype=config.dtype, progress=config.progress, mesh=mesh)
-    start = time.perf_counter()
-    from knots_jax import ingredients
-    ingredients.save_alignment(alignment, cache)
-    times["save_alignment"] = time.perf_counter() - start
-    alignment_source = "computed"
-  result = merge_lib.merge(
-      alignment if cache else adapters, config.method, scaling=config.scaling,
-      top_k=config.top_k, drop_rate=config.drop_rate, seed=config.seed,
-      top_k_scope=config.top_k_scope, modules_to_save=config.modules_to_save, path=config.path,
-      concat=config.concat, tol=config.tol, dtype=config.dtype, progress=config.progress,
-      mesh=mesh)
-  times["align"] = 0.0 if alignment_source == "restored" else result.stats.get("align_seconds", 0.0)
-  times["merge"] = result.stats["merge_seconds"]
+  with contextlib.ExitStack() as stack:
+    # The output directory and the full model's files are opened before the merge, so
+    # the model writer can copy the base tensors the merge leaves alone beside it
+    # (backbone.MergedModelWriter; on the CPU backend the copy starts after the merge).
+    tmp = (stack.enter_context(outputs.atomic_output_dir(config.output,
+                                                         overwrite=config.overwrite))
+           if config.output else None)
+    model_writer = None
+    if (tmp and config.base_model and config.full_model
+        and config.full_model_format in ("safetensors", "both")):
+      model_writer = stack.enter_context(backbone.MergedModelWriter(
+          config.base_model, os.path.join(tmp, "merged_model"),
+          changed=backbone.changed_keys(adapters), mesh=mesh, progress=config.progress))
 
-  summary = {"config": config.to_dict(), "stats": dict(result.stats)}
-  if cache:
-    summary["alignment_cache"] = {"path": os.path.abspath(cache), "source": alignment_source}
-  if mesh is not None:
-    summary["mesh"] = {"devices": int(mesh.devices.size)}
-  start = time.perf_counter()
-  if config.output:
-    with outputs.atomic_output_dir(config.output, overwrite=config.overwrite) as tmp:
+    if cache and alignment_source is None:
+      alignment = merge_lib.align(adapters, path=config.path, concat=config.concat,
+                                  tol=config.tol, dtype=config.dtype, progress=config.progress,
+                                  mesh=mesh)
+      start = time.perf_counter()
+      from knots_jax import ingredients
+      ingredients.save_alignment(alignment, cache)
+      times["save_alignment"] = time.perf_counter() - start
+      alignment_source = "computed"
+    result = merge_lib.merge(
+        alignment if cache else adapters, config.method, scaling=config.scaling,
+        top_k=config.top_k, drop_rate=config.drop_rate, seed=config.seed,
+        top_k_scope=config.top_k_scope, modules_to_save=config.modules_to_save,
+        path=config.path, concat=config.concat, tol=config.tol, dtype=config.dtype,
+        progress=config.progress, mesh=mesh)
+    times["align"] = (0.0 if alignment_source == "restored"
+                      else result.stats.get("align_seconds", 0.0))
+    times["merge"] = result.stats["merge_seconds"]
+
+    summary = {"config": config.to_dict(), "stats": dict(result.stats)}
+    if cache:
+      summary["alignment_cache"] = {"path": os.path.abspath(cache), "source": alignment_source}
+    if mesh is not None:
+      summary["mesh"] = {"devices": int(mesh.devices.size)}
+    start = time.perf_counter()
+    if tmp:
       report = export.save_peft_adapter(result, os.path.join(tmp, "adapter"),
                                         rank=config.rank or None)
       summary["adapter"] = {k: v for k, v in report.items() if k != "path"}
       if config.base_model and config.full_model:
-        summary["full_model"] = _write_full_model(result, config, tmp, mesh)
+        summary["full_model"] = _write_full_model(result, config, tmp, mesh, model_writer)
       elif config.base_model:
         export.save_merged_weights(result, config.base_model, os.path.join(tmp, "merged_weights"))
       times["write"] = time.perf_counter() - start

@@ -257,7 +257,7 @@ def fisher_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
   """
   if not floor >= 0.0:
     raise ValueError(f"fisher: floor must be >= 0, got {floor}")
-  dt = merging._dtype(dtype)
+  dt = merging.compute_dtype(dtype)
   start = time.perf_counter()
   n = len(adapters)
   given = _coefficients(coefficients, n)

@@ -5,8 +5,9 @@ model: the k-th smallest |x| over every layer's values of that task. Gathering
 and sorting all values does not fit at Llama scale, and bisection needs ~32
 passes over all of them. Here:
 
-1. a random sample of each task's values gives a bracket [lo, hi] that holds
-   the k-th value with high probability;
+1. a regular sample of each task's values (every s-th value, s coprime with
+   the row length) gives a bracket [lo, hi] that holds the k-th value with
+   high probability;
 2. one counting pass (per task: how many values lie below lo, how many inside)
    confirms it, or narrows a known bracket by bisection over the float bit
    patterns until few values are inside;
@@ -26,6 +27,7 @@ dropped before the next stack is made, so at most one stack is held at a time
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence, Union
 
 import jax
@@ -37,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from knots_jax.sharding import STACK, like, stack_spec, to_host
 
 _CAP = 1 << 16            # most values extracted per task and stack
-_SAMPLES = 1 << 22        # sampled values per task for the initial bracket
+_SAMPLES = 1 << 20        # about this many sampled values per task for the initial bracket
 _Z = 3.5                  # bracket half-width in binomial standard deviations
 
 
@@ -115,17 +117,25 @@ def _extract_any(x, valid, lo, hi, cap):
   return _extract(x, valid, lo, hi, cap)
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _sample(x, valid, key, size):
-  """Magnitudes at `size` uniform positions (the same for every task): [size, n]."""
+def sample_stride(total: int, columns: int, samples: int | None = None) -> int:
+  """A step giving about `samples` of `total` values, coprime with the row length
+  `columns` so that successive picks walk through every column (a step that divides
+  it would sample the same few input features of every row)."""
+  stride = max(1, total // (samples or _SAMPLES))
+  while math.gcd(stride, columns) != 1:
+    stride += 1
+  return stride
+
+
+@functools.partial(jax.jit, static_argnames=("stride",))
+def _sample(x, valid, stride):
+  """Magnitudes at every `stride`-th position of each module's [R, C] values (the
+  same positions for every task), -1 where the row is invalid: [L * m, n]."""
   L, n, R, C = x.shape
-  kl, kr, kc = jax.random.split(key, 3)
-  l = jax.random.randint(kl, (size,), 0, L)
-  r = jax.random.randint(kr, (size,), 0, R)
-  c = jax.random.randint(kc, (size,), 0, C)
-  flat = ((l[:, None] * n + jnp.arange(n)[None]) * R + r[:, None]) * C + c[:, None]
-  mag = jnp.abs(x.reshape(-1)[flat])
-  return jnp.where(valid[l, r][:, None], mag, -1)
+  picked = x.reshape(L, n, R * C)[:, :, ::stride]                  # [L, n, m]
+  rows = np.arange(0, R * C, stride) // C
+  mag = jnp.where(valid[:, rows][:, None], jnp.abs(picked), -1)
+  return jnp.moveaxis(mag, 1, 2).reshape(-1, n)
 
 
 def _interpolate(lo_key, hi_key, position: float, half_width: float, dtype):
@@ -142,16 +152,13 @@ def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
   """Sample quantiles around rank/count, per task."""
   n = len(ranks)
   shapes = [stack_shape(x).shape for x in xs]
-  sizes = [int(np.prod(s)) // s[1] for s in shapes]
-  total = sum(sizes)
-  ms = [max(1, int(np.ceil(_SAMPLES * size / total))) for size in sizes]
-  # Bit patterns (-1: invalid), filled stack by stack (n * 2^22 values: no copies).
-  samples = np.empty((sum(ms), n), int_dtype)
-  start = 0
-  for j, (x, m, valid) in enumerate(zip(xs, ms, valids)):
-    part = to_host(_sample(get_stack(x), valid, jax.random.key(j), m))
-    samples[start:start + m] = np.where(part >= 0, part.view(int_dtype), -1)
-    start += m
+  total = sum(int(np.prod(s)) // s[1] for s in shapes)
+  parts = []
+  for x, shape, valid in zip(xs, shapes, valids):
+    stride = sample_stride(total, shape[3])
+    part = to_host(_sample(get_stack(x), valid, stride))
+    parts.append(np.where(part >= 0, part.view(int_dtype), -1))   # bit patterns, -1: invalid
+  samples = np.concatenate(parts)
   lo = np.zeros(n, int_dtype)
   hi = np.full(n, max_key, int_dtype)
   for t in range(n):

@@ -152,7 +152,8 @@ class Alignment:
   mesh: jax.sharding.Mesh | None = None   # stacks placed with sharding.place_stack (padded)
 
 
-def _dtype(name: str):
+def compute_dtype(name: str):
+  """The jnp dtype of `name` for a merge's computation; float64 only with x64 enabled."""
   dtype = jnp.dtype(name)
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
     raise ValueError("dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 "
@@ -186,7 +187,7 @@ def align(
   """
   if concat not in ("columns", "rows"):
     raise ValueError(f"concat must be `columns` or `rows`, got `{concat}`")
-  dt = _dtype(dtype)
+  dt = compute_dtype(dtype)
   start = time.perf_counter()
   factors = tuple(stack_adapters(adapters))
   aligned = []
@@ -216,14 +217,20 @@ def factor_alignment(adapters: AdapterSet) -> Alignment:
 # Per-stack kernels (jit boundaries; each vmaps a methods.* function over L).
 
 
-@functools.partial(jax.jit, static_argnames=("drop_rate", "length"))
-def _dare_stack(rep, key, drop_rate, length=None):
-  """`length`: the true stack length of a padded stack (the mask is drawn for it)."""
-  if length is None or length == rep.shape[0]:
-    return methods.dare(rep, methods.dare_keep_mask(key, rep.shape, drop_rate), drop_rate)
-  keep = methods.dare_keep_mask(key, (length,) + rep.shape[1:], drop_rate)
+@functools.partial(jax.jit, static_argnames=("length",))
+def _dare_stack(rep, key, keep_prob, length=None):
+  """DARE of a stack. `keep_prob` (1 - p) is traced: a search over p compiles once.
+  `length`: the true stack length of a padded stack (the mask is drawn for it)."""
+  length = rep.shape[0] if length is None else length
+  keep = methods.keep_mask(key, (length,) + rep.shape[1:], keep_prob)
   keep = jnp.pad(keep, [(0, rep.shape[0] - length)] + [(0, 0)] * (rep.ndim - 1))
-  return methods.dare(rep, keep, drop_rate)
+  return methods.rescale_kept(rep, keep, keep_prob)
+
+
+def keep_probability(drop_rate: float) -> np.ndarray:
+  """1 - p as a host scalar of the dtype a Python float gets in JAX (float32, or
+  float64 with x64): the masks and rescaling equal those of a static p."""
+  return np.asarray(1.0 - drop_rate, jax.dtypes.canonicalize_dtype(np.float64))
 
 
 @jax.jit
@@ -243,6 +250,18 @@ def _sign_sum_stack(rep, threshold):
   pruned = jax.vmap(lambda x, t: jnp.where(methods.magnitude_mask(x, t), x, 0),
                     in_axes=(0, in_thr))(rep, threshold)
   return jax.vmap(methods.sign_sum)(pruned)  # [L]
+
+
+@jax.jit
+def _sign_total_stack(rep, threshold):
+  """Sum of elected signs over the whole stack: a scalar."""
+  return jnp.sum(_sign_sum_stack(rep, threshold))
+
+
+@jax.jit
+def _majority_sign(totals):
+  """Sign of the sum of the per-stack totals (one sign for the whole model)."""
+  return jnp.sign(sum(totals))
 
 
 @jax.jit
@@ -287,9 +306,10 @@ def _per_stack(fn, reps):
 
 def _lazy_dare(r, key, drop_rate, length):
   """DARE of a stack given as an array, or lazily (the same mask at every call)."""
+  keep_prob = keep_probability(drop_rate)
   if callable(r):
-    return lambda: _dare_stack(r(), key, drop_rate, length)
-  return _dare_stack(r, key, drop_rate, length)
+    return lambda: _dare_stack(r(), key, keep_prob, length)
+  return _dare_stack(r, key, keep_prob, length)
 
 
 def _ties_model(reps, valids, top_k, scaling):
@@ -305,9 +325,9 @@ def _ties_model(reps, valids, top_k, scaling):
   ref = valids[0] if callable(reps[0]) else reps[0]
   threshold = sharding.like(ref, kth.kth_smallest_magnitude(reps, valids, [rank] * n))
   threshold_seconds = time.perf_counter() - start
-  majority = sum(_per_stack(lambda r: jnp.sum(_sign_sum_stack(r, threshold)), reps))
-  merged = _per_stack(
-      lambda r: _ties_stack(r, threshold, jnp.sign(majority).astype(r.dtype), scaling), reps)
+  majority = _majority_sign(_per_stack(lambda r: _sign_total_stack(r, threshold), reps))
+  merged = _per_stack(lambda r: _ties_stack(r, threshold, majority.astype(r.dtype), scaling),
+                      reps)
   return merged, {"threshold": np.asarray(threshold).tolist(), "kth_rank": rank,
                   "values_per_task": count, "threshold_seconds": threshold_seconds}
 
@@ -541,7 +561,7 @@ def merge(
   extra = merge_extra(aset, modules_to_save)
 
   start = time.perf_counter()
-  dt = _dtype(alignment.settings.get("dtype", dtype))
+  dt = compute_dtype(alignment.settings.get("dtype", dtype))
   hyper = dict(scaling=scaling, top_k=top_k, drop_rate=drop_rate, seed=seed,
                top_k_scope=top_k_scope)
   stats: dict = {"adapters": aset.names,

@@ -44,16 +44,27 @@ def average(x: jax.Array, scaling: float = 1.0) -> jax.Array:
   return scaling * jnp.mean(x, axis=0)
 
 
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob) -> jax.Array:
+  """Bernoulli(keep_prob) mask. `keep_prob` may be a traced scalar: a sweep over
+  DARE's p then compiles once."""
+  return jax.random.bernoulli(key, keep_prob, shape)
+
+
 def dare_keep_mask(key: jax.Array, shape: tuple[int, ...], drop_rate: float) -> jax.Array:
   """Bernoulli(1 - drop_rate) keep mask for DARE."""
-  return jax.random.bernoulli(key, 1.0 - drop_rate, shape)
+  return keep_mask(key, shape, 1.0 - drop_rate)
+
+
+def rescale_kept(x: jax.Array, keep: jax.Array, keep_prob) -> jax.Array:
+  """Zero where `keep` is False, the rest divided by `keep_prob` (in x's dtype)."""
+  return jnp.where(keep, x / jnp.asarray(keep_prob).astype(x.dtype), 0).astype(x.dtype)
 
 
 def dare(x: jax.Array, keep: jax.Array, drop_rate: float) -> jax.Array:
   """Drops the entries where `keep` is False and rescales the rest by 1 / (1 - p)."""
   if not 0.0 <= drop_rate < 1.0:
     raise ValueError(f"DARE drop rate must be in [0, 1), got {drop_rate}")
-  return jnp.where(keep, x / (1.0 - drop_rate), 0).astype(x.dtype)
+  return rescale_kept(x, keep, 1.0 - drop_rate)
 
 
 def top_k_fraction(top_k: float) -> float:

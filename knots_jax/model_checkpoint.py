@@ -131,6 +131,7 @@ def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *
   if step < 0:
     raise ValueError(f"step must be >= 0, got {step}")
   outputs.check_output_dir(out_dir, overwrite)
+  backbone.check_fits(result, model_dir, checkpoint.tensor_files(model_dir))
   weights = {}
   count = len(checkpoint.tensor_files(model_dir))
   with sharding.progress_bar(desc="merge model", total=count, unit="tensor",

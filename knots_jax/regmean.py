@@ -358,7 +358,7 @@ def regmean_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
     raise ValueError(f"regmean: off_diagonal must be in [0, 1], got {off_diagonal}")
   if not ridge >= 0.0:
     raise ValueError(f"regmean: ridge must be >= 0, got {ridge}")
-  dt = merging._dtype(dtype)
+  dt = merging.compute_dtype(dtype)
   start = time.perf_counter()
   check_base(adapters, base_weights)
   covered = check_statistics(adapters, grams, "regmean", lambda oi: (oi[1], oi[1]))

@@ -172,7 +172,7 @@ def merge_task_vectors(
   if method != "sftm" and rules:
     raise ValueError("merge_task_vectors: `rules` only apply to method `sftm`")
   _check_models(base, finetuned)
-  dt = merging._dtype(dtype)
+  dt = merging.compute_dtype(dtype)
   if method == "sftm":
     rule = tensor_rules(base, rules)
   else:

@@ -1,5 +1,6 @@
 """knots_jax.backbone: whole HF backbones in JAX, and the full merged model on disk."""
 
+import dataclasses
 import json
 import os
 import resource
@@ -9,11 +10,13 @@ import textwrap
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 import torch
 import transformers
 
 import knots_jax
-from knots_jax import backbone, checkpoint, model_checkpoint, sharding
+from knots_jax import backbone, checkpoint, model_checkpoint, shard_files, sharding
 from tests import peft_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,62 +169,155 @@ def test_save_merged_model_bf16(bf16_base, merged, tmp_path):
                                   err_msg=key)
 
 
-def test_failed_write_leaves_no_output(sharded_base, merged, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["merged tensor", "copied tensor"])
+def test_failed_write_leaves_no_output(where, sharded_base, merged, tmp_path, monkeypatch):
+  """A failure while writing a merged tensor (main thread) or copying a base one (the
+  background thread) leaves no output directory and no temporary files."""
   path, _ = sharded_base
   out = tmp_path / "failed"
   calls = []
-  real = backbone.ShardWriter.write
+  name = "write" if where == "merged tensor" else "copy_from"
+  real = getattr(shard_files.ShardWriter, name)
 
-  def boom(self, key, array):
+  def boom(self, key, *args, **kwargs):
     calls.append(key)
-    if len(calls) == 5:   # in the second shard file
+    if len(calls) == 3:
       raise OSError("disk full")
-    return real(self, key, array)
+    return real(self, key, *args, **kwargs)
 
-  monkeypatch.setattr(backbone.ShardWriter, "write", boom)
+  monkeypatch.setattr(shard_files.ShardWriter, name, boom)
   with pytest.raises(OSError, match="disk full"):
     backbone.save_merged_model(merged, path, str(out), max_shard_size="16KB")
+  assert len(calls) >= 3
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith("failed")]
 
 
+def test_merged_head_the_base_lacks_is_refused(sharded_base, merged, tmp_path):
+  """A merged modules_to_save tensor with no place in the base (a `score` head on a
+  causal-LM checkpoint) is not dropped silently from a full model."""
+  path, _ = sharded_base
+  with_head = dataclasses.replace(merged, extra={"score.weight": np.ones((3, 64), np.float32)})
+  for save in (backbone.save_merged_model, model_checkpoint.save_merged_model_orbax):
+    out = tmp_path / f"with_head_{save.__name__}"
+    with pytest.raises(ValueError, match="no tensor 'score.weight'.*modules_to_save"):
+      save(with_head, path, str(out))
+    assert not out.exists()
+  # the generator of the base's tensors leaves it to the caller (chain result.extra)
+  keys = [k for k, _ in backbone.merged_model_weights(with_head, path)]
+  assert "score.weight" not in keys and len(keys) == len(checkpoint.tensor_files(path))
+
+
+def test_merged_model_writer_overlaps_the_merge(llama_family, sharded_base, tmp_path):
+  """Copying starts before the merge exists (or in finish); a wrong `changed` hint still
+  gives the right model (unannounced tensors are written over their copies, announced but unchanged ones
+  copied); leaving the block without finish() writes nothing."""
+  path, _ = sharded_base
+  adapters = knots_jax.load_adapters(llama_family[1])
+  hint = backbone.changed_keys(adapters)
+  assert hint == {f"{m}.weight" for m in adapters.module_names}
+  want = {}
+  wrong = sorted(hint)[::2] + ["model.norm.weight"]
+  for kind, changed, overlap in [("exact", hint, True), ("wrong", wrong, True),
+                                 ("after", hint, False), ("after_wrong", wrong, None)]:
+    out = str(tmp_path / f"overlap_{kind}")
+    with backbone.MergedModelWriter(path, out, changed=changed, overlap=overlap,
+                                    max_shard_size="16KB") as w:
+      result = knots_jax.merge(adapters, "knots_ties", top_k=30)
+      assert not os.path.exists(out)   # only once complete
+      report = w.finish(result)
+    assert report["merged"] == len(adapters.module_names)
+    want = want or dict(backbone.merged_model_weights(result, path))
+    got = backbone.read_backbone(out)
+    assert set(got) == set(want)
+    for key, value in got.items():
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(want[key]), err_msg=key)
+
+  out = tmp_path / "unfinished"
+  with pytest.raises(RuntimeError, match="without finish"):
+    with backbone.MergedModelWriter(path, str(out), changed=hint, max_shard_size="16KB"):
+      pass
+  with pytest.raises(KeyError, match="interrupted"):
+    with backbone.MergedModelWriter(path, str(out), changed=hint, max_shard_size="16KB"):
+      raise KeyError("interrupted")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("unfinished")]
+
+
 def test_shard_writer_matches_safetensors(tmp_path):
-  """The streamed file reads back with safetensors, bf16 included; wrong order is refused."""
+  """Tensors written in any order (arrays or bytes copied from another file) read back
+  with safetensors, bf16 included; unknown keys, wrong shapes and gaps are refused."""
   rng = np.random.default_rng(0)
   tensors = {"b.weight": rng.standard_normal((3, 5)).astype(np.float32),
-             "a.bias": rng.standard_normal(7).astype(backbone._np_dtype("BF16")),
+             "a.bias": rng.standard_normal(7).astype(shard_files.numpy_dtype("BF16")),
              "c.ids": np.arange(6, dtype=np.int64).reshape(2, 3),
              "d.scalar": np.array(2.5, np.float16)}
   entries = [(k, v.shape, v.dtype) for k, v in tensors.items()]
   path = str(tmp_path / "x.safetensors")
-  with backbone.ShardWriter(path, entries, {"format": "pt"}) as writer:
-    for k, v in tensors.items():
-      writer.write(k, v)
-  with backbone.safetensors.safe_open(path, framework="numpy") as f:
+  with shard_files.ShardWriter(path, entries, {"format": "pt"}) as writer:
+    for k in reversed(list(tensors)):
+      writer.write(k, tensors[k])
+  with safetensors.safe_open(path, framework="numpy") as f:
     assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(tensors)
     for k, v in tensors.items():
       got = f.get_tensor(k)
       assert got.dtype == v.dtype and got.shape == v.shape
       np.testing.assert_array_equal(got, v)
-  with pytest.raises(ValueError, match="expected `b.weight`"):
-    with backbone.ShardWriter(path, entries) as writer:
-      writer.write("a.bias", tensors["a.bias"])
+  with open(path, "rb") as f:   # the size of safetensors' own file (its header order differs)
+    ours = f.read()
+  safetensors.numpy.save_file(tensors, str(tmp_path / "ref.safetensors"), {"format": "pt"})
+  with open(tmp_path / "ref.safetensors", "rb") as f:
+    assert len(ours) == len(f.read())
+  with pytest.raises(ValueError, match="not in this shard"):
+    with shard_files.ShardWriter(path, entries) as writer:
+      writer.write("e.missing", tensors["a.bias"])
+  with pytest.raises(ValueError, match=r"is \(7,\) bfloat16 in the header"):
+    with shard_files.ShardWriter(path, entries) as writer:
+      writer.write("a.bias", tensors["b.weight"])
   with pytest.raises(ValueError, match="were not written"):
-    with backbone.ShardWriter(path, entries) as writer:
+    with shard_files.ShardWriter(path, entries) as writer:
       writer.write("b.weight", tensors["b.weight"])
-  # copy_from: the stored bytes of another file, located by its header
+  # copy_from: the stored bytes of another file, located by its header, in small chunks
+  src = str(tmp_path / "src.safetensors")
+  safetensors.numpy.save_file(tensors, src)
+  offsets = shard_files.data_offsets(src)
   copy = str(tmp_path / "copy.safetensors")
-  backbone.safetensors.numpy.save_file(tensors, str(tmp_path / "src.safetensors"))
-  offsets = backbone.data_offsets(str(tmp_path / "src.safetensors"))
-  with backbone.ShardWriter(copy, entries) as writer:
-    for k in tensors:
-      writer.copy_from(k, str(tmp_path / "src.safetensors"), *offsets[k], chunk=7)
-  with backbone.safetensors.safe_open(copy, framework="numpy") as f:
+  with shard_files.ShardWriter(copy, entries) as writer:
+    for k in ["c.ids", "a.bias", "d.scalar", "b.weight"]:
+      writer.copy_from(k, src, *offsets[k], chunk=7)
+  with safetensors.safe_open(copy, framework="numpy") as f:
     for k, v in tensors.items():
       np.testing.assert_array_equal(f.get_tensor(k), v)
-  with pytest.raises(ValueError, match="expected `b.weight`"):
-    with backbone.ShardWriter(copy, entries) as writer:
-      writer.copy_from("b.weight", str(tmp_path / "src.safetensors"), *offsets["a.bias"])
+  with pytest.raises(ValueError, match="has 60 bytes"):
+    with shard_files.ShardWriter(copy, entries) as writer:
+      writer.copy_from("b.weight", src, *offsets["a.bias"])
+  with pytest.raises(ValueError, match="file ends"):
+    with shard_files.ShardWriter(copy, entries) as writer:
+      end = os.path.getsize(src)
+      writer.copy_from("b.weight", src, end - 20, end + 40)
+
+
+def test_copy_bytes_without_copy_file_range(tmp_path, monkeypatch):
+  """The read + pwrite fallback (other OS, or a refused copy_file_range) copies the same bytes."""
+  src = tmp_path / "src.bin"
+  data = np.random.default_rng(1).bytes(1000)
+  src.write_bytes(data)
+
+  def refuse(*args):
+    raise OSError(shard_files.errno.EXDEV, "cross-device")
+
+  for patch in ("missing", "refused"):
+    with monkeypatch.context() as m:
+      if patch == "missing":
+        m.delattr(shard_files.os, "copy_file_range", raising=False)
+      else:
+        m.setattr(shard_files.os, "copy_file_range", refuse)
+      dst = tmp_path / f"dst_{patch}.bin"
+      fd = os.open(dst, os.O_WRONLY | os.O_CREAT)
+      try:
+        shard_files.copy_bytes(str(src), 100, 700, fd, 50, chunk=64)
+      finally:
+        os.close(fd)
+      assert dst.read_bytes() == b"\0" * 50 + data[100:800]
 
 
 def test_parse_size_and_plan():

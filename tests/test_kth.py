@@ -59,6 +59,27 @@ def test_kth_sampled_bracket_and_its_fallback(monkeypatch):
   np.testing.assert_array_equal(kth.kth_smallest_magnitude(*args, cap=512), expected)
 
 
+def test_regular_sample_bracket(monkeypatch):
+  """With a sample of every s-th value (s > 1, coprime with the row length) the bracket
+  holds the exact k-th value, and the result is exact."""
+  assert kth.sample_stride(10**6, 2048, 1000) == 1001   # 1000 shares a factor with 2048
+  assert kth.sample_stride(10**6, 3 * 7, 1000) == 1000
+  assert kth.sample_stride(10, 64, 1000) == 1
+  rng = np.random.default_rng(3)
+  xs = [rng.standard_t(3, size=(4, 3, 16, 256)).astype(np.float32),
+        rng.normal(size=(2, 3, 8, 96)).astype(np.float32)]
+  valids = [rng.random((4, 16)) > 0.1, np.ones((2, 8), bool)]
+  count = sum(int(v.sum()) * x.shape[3] for x, v in zip(xs, valids))
+  ranks = [int(count * 0.7), 5, count - 2]
+  expected = _reference(xs, valids, ranks)
+  monkeypatch.setattr(kth, "_SAMPLES", 2000)
+  assert kth.sample_stride(count, 256) > 1
+  args = ([jnp.asarray(x) for x in xs], [jnp.asarray(v) for v in valids])
+  lo, hi = kth._initial_bracket(*args, ranks[:1], count, kth._max_key(np.float32), np.int32)
+  assert 0 < lo[0] <= expected[0].view(np.int32) <= hi[0] < kth._max_key(np.float32)
+  np.testing.assert_array_equal(kth.kth_smallest_magnitude(*args, ranks, cap=512), expected)
+
+
 def test_kth_rejects_rank_out_of_range():
   x = jnp.ones((1, 1, 2, 3))
   with pytest.raises(ValueError, match="outside"):

@@ -64,6 +64,16 @@ def test_dare_is_deterministic_given_a_seed(adapters):
   assert _rel(c.delta(m), a.delta(m)) > 1e-3
 
 
+def test_dare_drop_rates_share_one_program(adapters):
+  """p is traced, not static: a sweep over drop rates compiles the DARE kernel once."""
+  merge_lib.merge(adapters, "dare_ties", seed=3, drop_rate=0.2)
+  compiled = merge_lib._dare_stack._cache_size()
+  results = [merge_lib.merge(adapters, "dare_ties", seed=3, drop_rate=p) for p in (0.3, 0.7, 0.9)]
+  assert merge_lib._dare_stack._cache_size() == compiled
+  m = adapters.module_names[0]
+  assert _rel(results[0].delta(m), results[2].delta(m)) > 1e-3
+
+
 def test_layer_scope_matches_per_module_reference(adapters):
   """top_k_scope="layer": the reference applied to each module on its own."""
   result = merge_lib.merge(adapters, "ties", top_k=30, scaling=0.9, top_k_scope="layer",
