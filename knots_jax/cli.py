@@ -213,7 +213,8 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
         top_k=config.top_k, drop_rate=config.drop_rate, seed=config.seed,
         top_k_scope=config.top_k_scope, modules_to_save=config.modules_to_save,
         path=config.path, concat=config.concat, tol=config.tol, dtype=config.dtype,
-        progress=config.progress, mesh=mesh)
+        progress=config.progress, mesh=mesh, common_fraction=config.common_fraction,
+        tsv_keep=config.tsv_keep, output_rank=config.output_rank, eta=config.eta)
     times["align"] = (0.0 if alignment_source == "restored"
                       else result.stats.get("align_seconds", 0.0))
     times["merge"] = result.stats["merge_seconds"]
@@ -241,13 +242,15 @@ def run_merge(config: ml_collections.ConfigDict) -> dict:
 
 def format_summary(summary: dict) -> str:
   cfg, stats = summary["config"], summary["stats"]
+  options = "".join(f" {k}={cfg[k]}" for k, (_, users) in merge_lib.METHOD_OPTIONS.items()
+                    if cfg["method"] in users)
   rows = [("adapters", ", ".join(f"{n} (r={'/'.join(map(str, r))})"
                                 for n, r in stats["ranks"].items())),
           ("modules", str(stats["modules"])),
           ("method", f"{cfg['method']}  scaling={cfg['scaling']} top_k={cfg['top_k']} "
                      f"scope={cfg['top_k_scope']}" +
                      (f" drop_rate={cfg['drop_rate']} seed={cfg['seed']}"
-                      if "dare" in cfg["method"] else ""))]
+                      if "dare" in cfg["method"] else "") + options)]
   if "kept_components" in stats:
     kept = stats["kept_components"]
     rows.append(("kept components", f"min {kept['min']}, mean {kept['mean']:.1f}, "

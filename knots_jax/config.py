@@ -32,6 +32,14 @@ FIELDS: dict[str, tuple[object, str]] = {
     "drop_rate": (0.9, "DARE: probability p of dropping an entry; kept ones are scaled by "
                        "1/(1-p)."),
     "seed": (0, "DARE: random seed (the result is deterministic given the seed)."),
+    "common_fraction": (0.8, "Iso-CTS (iso_cts, core_iso_cts): the share of the space given "
+                             "to the common subspace."),
+    "tsv_keep": (0, "TSV-M (tsv_m): singular components kept per task; 0 = min(out, in) // n, "
+                    "the paper's default."),
+    "output_rank": (0, "mm_svd: the rank of the merged LoRA; 0 = the largest adapter rank."),
+    "eta": (1.0, "SFTM (sftm): the share of each task's entries kept by its trim; 1 = no trim "
+                 "(computed from the factors); < 1 trims the dense updates (memory: n dense "
+                 "updates of one stack at a time)."),
     "path": ("core", "KnOTS alignment from the LoRA factors (`core`, fast, exact) or from the "
                      "dense updates (`dense`, the reference, slow)."),
     "concat": ("columns", "KnOTS concatenation: `columns` ([dW_1 ... dW_n], the paper) or "

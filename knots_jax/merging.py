@@ -79,6 +79,14 @@ def _uniform_weights(b, scaling):
   return jnp.full((b.shape[1],), scaling, b.dtype)
 
 
+def _sftm(b, a, hyper, modules):
+  """SFTM from the factors (eta = 1), or with its top-eta trim on the dense updates."""
+  if hyper["eta"] == 1.0:
+    return svd_methods.sftm_stack(b, a, gamma=hyper["scaling"], modules=modules)[:2]
+  return svd_methods.sftm_dense_stack(_matmul(b, a), eta=hyper["eta"], gamma=hyper["scaling"],
+                                      modules=modules)[0]
+
+
 # Methods computed from the LoRA factors of each module (knots_jax/svd_methods.py,
 # docs/methods.md); `scaling` is their alpha (SFTM: gamma).
 _FACTOR_METHODS = {
@@ -86,7 +94,7 @@ _FACTOR_METHODS = {
         b, a, _uniform_weights(b, hyper["scaling"])),
         f"Direct merge of A and B (with cross terms), {_LORA_SVD}"),
     "mm_svd": (lambda b, a, hyper, modules: svd_methods.mm_svd_stack(
-        b, a, _uniform_weights(b, hyper["scaling"])),
+        b, a, _uniform_weights(b, hyper["scaling"]), rank=hyper["output_rank"] or None),
         f"Multiplied merge truncated to the LoRA rank, SVD_r(L_MM), {_LORA_SVD}"),
     "mm_noise": (lambda b, a, hyper, modules: svd_methods.cross_term_noise_stack(
         b, a, _uniform_weights(b, hyper["scaling"]), hyper["seed"], modules),
@@ -94,31 +102,38 @@ _FACTOR_METHODS = {
     "iso_c": (lambda b, a, hyper, modules: svd_methods.iso_c_stack(b, a, scaling=hyper["scaling"]),
               _ISO_C),
     "iso_cts": (lambda b, a, hyper, modules: svd_methods.iso_cts_stack(
-        b, a, scaling=hyper["scaling"]), _ISO_CTS),
+        b, a, common_fraction=hyper["common_fraction"], scaling=hyper["scaling"]), _ISO_CTS),
     "tsv_m": (lambda b, a, hyper, modules: svd_methods.tsv_merge_stack(
-        b, a, scaling=hyper["scaling"]), _TSV),
-    "sftm": (lambda b, a, hyper, modules: svd_methods.sftm_stack(
-        b, a, gamma=hyper["scaling"], modules=modules)[:2],
-        "SFTM, Qiu et al. 2025 (arXiv:2502.10698), eta = 1"),
+        b, a, keep=hyper["tsv_keep"] or None, scaling=hyper["scaling"]), _TSV),
+    "sftm": (_sftm, "SFTM, Qiu et al. 2025 (arXiv:2502.10698)"),
 }
 
 # Methods of each task's whole matrix in a small space: the core matrices M_i
 # (`core_*`) or KnOTS' V_i^T (`knots_tsv_m`); `rank` is the size of that space.
 _MATRIX_METHODS = {
-    "tsv_m": (lambda x, rank, scaling: svd_methods.tsv_merge_ranked_stack(
-        x, rank, scaling=scaling), _TSV),
-    "iso_c": (lambda x, rank, scaling: svd_methods.iso_c_dense_stack(x, scaling=scaling), _ISO_C),
-    "iso_cts": (lambda x, rank, scaling: svd_methods.iso_cts_dense_stack(x, scaling=scaling),
-                _ISO_CTS),
+    "tsv_m": (lambda x, rank, hyper: svd_methods.tsv_merge_ranked_stack(
+        x, rank, scaling=hyper["scaling"]), _TSV),
+    "iso_c": (lambda x, rank, hyper: svd_methods.iso_c_dense_stack(x, scaling=hyper["scaling"]),
+              _ISO_C),
+    "iso_cts": (lambda x, rank, hyper: svd_methods.iso_cts_dense_stack(
+        x, common_fraction=hyper["common_fraction"], scaling=hyper["scaling"]), _ISO_CTS),
+}
+
+# Options of single methods: name -> (default, the methods that use it).
+METHOD_OPTIONS: Mapping[str, tuple[object, tuple[str, ...]]] = {
+    "common_fraction": (0.8, ("iso_cts", "core_iso_cts")),
+    "tsv_keep": (0, ("tsv_m",)),
+    "output_rank": (0, ("mm_svd",)),
+    "eta": (1.0, ("sftm",)),
 }
 
 
-def _knots_tsv(v, rank, scaling):
+def _knots_tsv(v, rank, hyper):
   """TSV-M on KnOTS' V_i^T keeping every component. For generic LoRAs (sum r_i <=
   out) the V_i^T are partial isometries (sum_i V_i^T V_i = I_K, ranks adding up),
   so all their singular values are 1 and a truncation would pick an arbitrary
   subspace; keeping all leaves the whitening, which is well defined."""
-  return svd_methods.tsv_merge_dense_stack(v, keep=min(v.shape[-2:]), scaling=scaling)
+  return svd_methods.tsv_merge_dense_stack(v, keep=min(v.shape[-2:]), scaling=hyper["scaling"])
 
 
 METHODS: Mapping[str, Method] = {
@@ -189,7 +204,7 @@ def align(
     raise ValueError(f"concat must be `columns` or `rows`, got `{concat}`")
   dt = compute_dtype(dtype)
   start = time.perf_counter()
-  factors = tuple(stack_adapters(adapters))
+  factors = tuple(stack_adapters(adapters, dtype=_host_dtype(dt)))
   aligned = []
   total = sum(len(f.modules) for f in factors)
   with sharding.progress_bar(desc="align", total=total, unit="module",
@@ -208,9 +223,16 @@ def align(
                    mesh=mesh)
 
 
-def factor_alignment(adapters: AdapterSet) -> Alignment:
+def _host_dtype(dt) -> np.dtype:
+  """The host dtype of the factor stacks: float64 for a float64 merge (PEFT's scale is
+  folded into B in it), else float32."""
+  return np.dtype(np.float64 if dt == jnp.float64 else np.float32)
+
+
+def factor_alignment(adapters: AdapterSet, dtype: str = "float32") -> Alignment:
   """Factor stacks only, for the methods that do not use KnOTS."""
-  return Alignment(adapters, tuple(stack_adapters(adapters)), (), {})
+  return Alignment(adapters, tuple(stack_adapters(adapters, dtype=_host_dtype(jnp.dtype(dtype)))),
+                   (), {})
 
 
 # ---------------------------------------------------------------------------
@@ -408,11 +430,11 @@ def _unscaled_v(rep, s, valid):
   return jnp.where(valid[:, None, :, None], rep / scale, 0)
 
 
-def _aligned_matrices(stack: align_lib.AlignedStack, spec: Method, scaling: float) -> jax.Array:
+def _aligned_matrices(stack: align_lib.AlignedStack, spec: Method, hyper: dict) -> jax.Array:
   """`knots_tsv_m`: the method on the V_i^T, then diag(s) in front (U diag(s) merged)."""
   v = _unscaled_v(stack.rep, stack.s, stack.valid)
   rank = jnp.sum(stack.valid, axis=-1)
-  return stack.s[:, :, None] * spec.matrices(v, rank, scaling)
+  return stack.s[:, :, None] * spec.matrices(v, rank, hyper)
 
 
 def _merge_aligned(alignment: Alignment, spec: Method, hyper: dict, mesh):
@@ -420,7 +442,7 @@ def _merge_aligned(alignment: Alignment, spec: Method, hyper: dict, mesh):
   methods), then back through U."""
   stacks = alignment.aligned
   if spec.combine == "matrices":
-    merged, info = [_aligned_matrices(s, spec, hyper["scaling"]) for s in stacks], {}
+    merged, info = [_aligned_matrices(s, spec, hyper) for s in stacks], {}
   else:
     merged, info = combine([s.rep for s in stacks], [s.valid for s in stacks],
                            [s.modules for s in stacks], spec, **hyper, padded=mesh is not None)
@@ -445,7 +467,7 @@ def _merge_core(factors: Sequence[FactorStack], spec: Method, hyper: dict, dt):
   """
   cores = [core_space.project_stack(f.modules, f.b, f.a, dtype=dt) for f in factors]
   if spec.combine == "matrices":
-    merged, info = [spec.matrices(c.cores, c.rank, hyper["scaling"]) for c in cores], {}
+    merged, info = [spec.matrices(c.cores, c.rank, hyper) for c in cores], {}
   else:
     reps = [c.cores.reshape(c.cores.shape[:2] + (-1, 1)) for c in cores]
     merged, info = combine(reps, [c.entry_valid for c in cores], [c.modules for c in cores],
@@ -518,6 +540,10 @@ def merge(
     dtype: str = "float32",
     progress: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    common_fraction: float = 0.8,
+    tsv_keep: int = 0,
+    output_rank: int = 0,
+    eta: float = 1.0,
 ) -> MergeResult:
   """Merges adapters with `method` (see `METHODS`).
 
@@ -540,8 +566,33 @@ def merge(
     mesh: from `sharding.make_mesh()`: align and merge with every stack
       sharded over the mesh (an `Alignment` keeps the mesh it was made with);
       the merged stacks come back replicated. See docs/sharding.md.
+    common_fraction: Iso-CTS (`iso_cts`, `core_iso_cts`): the share of the
+      space given to the common subspace.
+    tsv_keep: TSV-M (`tsv_m`): components kept per task; 0 = TSV-M's default,
+      min(out, in) // n.
+    output_rank: `mm_svd`: the rank of the merged LoRA; 0 = the largest
+      adapter rank.
+    eta: SFTM (`sftm`): the share of each task's singular components kept
+      (top-eta trim); 1 (no trim) works from the factors, < 1 on the dense
+      updates of each stack.
+  Options of a method other than `method` must stay at their defaults
+  (`METHOD_OPTIONS`).
   """
   spec = get_method(method)
+  options = dict(common_fraction=common_fraction, tsv_keep=tsv_keep, output_rank=output_rank,
+                 eta=eta)
+  for name, value in options.items():
+    default, users = METHOD_OPTIONS[name]
+    if method not in users and value != default:
+      raise ValueError(f"{name}={value!r} applies to {' and '.join(users)}, not to `{method}`")
+  if not 0.0 <= common_fraction <= 1.0:
+    raise ValueError(f"common_fraction must be in [0, 1], got {common_fraction}")
+  if not 0.0 < eta <= 1.0:
+    raise ValueError(f"eta must be in (0, 1], got {eta}")
+  for name in ("tsv_keep", "output_rank"):
+    if isinstance(options[name], bool) or not isinstance(options[name], int) or options[name] < 0:
+      raise ValueError(f"{name} must be a non-negative integer (0: the default), got "
+                       f"{options[name]!r}")
   if not 0.0 <= drop_rate < 1.0:
     raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
   methods.top_k_fraction(top_k)
@@ -551,7 +602,7 @@ def merge(
     alignment = align(adapters, path=path, concat=concat, tol=tol, dtype=dtype, progress=progress,
                       mesh=mesh)
   else:
-    alignment = factor_alignment(adapters)
+    alignment = factor_alignment(adapters, dtype)
   if spec.knots and not alignment.aligned:
     alignment = align(alignment.adapters, path=path, concat=concat, tol=tol, dtype=dtype,
                       progress=progress, mesh=mesh)
@@ -563,7 +614,8 @@ def merge(
   start = time.perf_counter()
   dt = compute_dtype(alignment.settings.get("dtype", dtype))
   hyper = dict(scaling=scaling, top_k=top_k, drop_rate=drop_rate, seed=seed,
-               top_k_scope=top_k_scope)
+               top_k_scope=top_k_scope,
+               **{k: v for k, v in options.items() if method in METHOD_OPTIONS[k][1]})
   stats: dict = {"adapters": aset.names,
                  "ranks": {ad.name: sorted({f.rank for f in ad.modules.values()})
                            for ad in aset.adapters},

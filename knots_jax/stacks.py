@@ -64,7 +64,7 @@ def stack_adapters(adapters: AdapterSet, dtype=np.float32) -> list[FactorStack]:
     ranks = np.zeros((len(modules), n), np.int32)
     for l, module in enumerate(modules):
       for i, f in enumerate(adapters.factors(module)):
-        b[l, i, :, :f.rank] = f.scale * f.b
+        b[l, i, :, :f.rank] = f.scale * f.b.astype(dtype)   # the scale folded in `dtype`
         a[l, i, :f.rank, :] = f.a
         ranks[l, i] = f.rank
     stacks.append(FactorStack(tuple(modules), b, a, ranks))

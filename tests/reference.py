@@ -246,13 +246,12 @@ def knots_tsv(deltas: np.ndarray, scaling: float = 1.0, tol: float = 1e-5) -> np
 
 
 def lora_factors(adapters) -> dict[str, tuple[list, list]]:
-  """{module: ([s_i B_i], [A_i])} of an AdapterSet, unpadded float64, with s_i B_i
-  rounded to float32 as knots_jax.stacks holds it (references and merges then
-  start from the same numbers)."""
+  """{module: ([s_i B_i], [A_i])} of an AdapterSet, unpadded float64 (s_i B_i computed in
+  float64, as knots_jax.stacks holds it for float64 merges)."""
   out = {}
   for m in adapters.module_names:
     fs = adapters.factors(m)
-    out[m] = ([(f.scale * f.b).astype(np.float32).astype(np.float64) for f in fs],
+    out[m] = ([f.scale * f.b.astype(np.float64) for f in fs],
               [f.a.astype(np.float64) for f in fs])
   return out
 

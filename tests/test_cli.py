@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import knots_jax
 from knots_jax import cli
 from knots_jax import config as config_lib
 
@@ -54,6 +55,29 @@ def test_overrides_reach_the_merge(tmp_path, capsys):
   assert summary["config"]["method"] == "knots_dare_ties"
   assert summary["config"]["scaling"] == 0.6 and summary["adapter"]["rank"] == 4
   assert "truncated" in capsys.readouterr().out
+
+
+def test_method_options_reach_the_merge(tmp_path, capsys):
+  """--config.tsv_keep reaches TSV-M: the written adapter equals merge(..., tsv_keep=1);
+  an option of another method is refused before anything is written."""
+  demo = cli.load_config(["--config", DEMO_CONFIG])
+  base = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+          "--config.progress=false"]
+  assert cli.run(base + ["--config.method=tsv_m", "--config.tsv_keep=1",
+                         f"--config.output={tmp_path / 'o'}"]) == 0
+  assert "tsv_keep=1" in capsys.readouterr().out
+  written = knots_jax.load_adapters([str(tmp_path / "o" / "adapter")])
+  adapters = knots_jax.load_adapters(config_lib.split_list(demo.adapters))
+  want = knots_jax.merge(adapters, "tsv_m", tsv_keep=1)
+  default = knots_jax.merge(adapters, "tsv_m")
+  for m in adapters.module_names:
+    got = written.factors(m)[0].delta()
+    np.testing.assert_allclose(got, want.delta(m), atol=1e-5 * np.abs(want.delta(m)).max())
+  assert any(np.abs(default.delta(m) - want.delta(m)).max() > 1e-3 for m in adapters.module_names)
+  assert cli.run(base + ["--config.method=ties", "--config.eta=0.5",
+                         f"--config.output={tmp_path / 'p'}"]) == 2
+  assert "eta=0.5 applies to sftm" in capsys.readouterr().err
+  assert not (tmp_path / "p").exists()
 
 
 def test_help_explains_every_option(capsys):

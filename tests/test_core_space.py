@@ -23,7 +23,7 @@ def adapters():
 @pytest.fixture(scope="module")
 def cores(adapters):
   return [core_space.project_stack(f.modules, f.b, f.a, dtype=np.float64)
-          for f in merging.factor_alignment(adapters).factors]
+          for f in merging.factor_alignment(adapters, "float64").factors]
 
 
 def _factors(adapters):

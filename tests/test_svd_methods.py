@@ -410,3 +410,49 @@ def test_docs_method_table_lists_every_method():
   assert data_based and not data_based & set(merging.METHODS)
   from knots_jax import fisher, regmean
   assert regmean.regmean_merge and fisher.fisher_merge
+
+
+# ------------------------------------------------------ options through merge()
+
+
+def _best_rank(x: np.ndarray, k: int) -> np.ndarray:
+  u, s, vt = np.linalg.svd(x, full_matrices=False)
+  return (u[:, :k] * s[:k]) @ vt[:k]
+
+
+@pytest.mark.parametrize("method,options,reference_fn", [
+    ("iso_cts", dict(common_fraction=0.5), lambda d: np_iso_cts(d, 0.5, scaling=0.7)),
+    ("core_iso_cts", dict(common_fraction=0.3), lambda d: np_iso_cts(d, 0.3, scaling=0.7)),
+    ("tsv_m", dict(tsv_keep=1), lambda d: np_tsv(d, 1, scaling=0.7)[0]),
+    ("mm_svd", dict(output_rank=2), lambda d: _best_rank(0.7 * d.sum(0), 2)),
+    ("sftm", dict(eta=0.4), lambda d: np_sftm(d, eta=0.4, gamma=0.7)[0]),
+])
+def test_method_options_through_merge(method, options, reference_fn):
+  """The per-method options of `merge` reach the methods: each module against the float64
+  reference with that option, and recorded in the settings."""
+  from knots_jax import merging
+  adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
+  result = merging.merge(adapters, method, scaling=0.7, dtype="float64", **options)
+  default = merging.merge(adapters, method, scaling=0.7, dtype="float64")
+  changed = False
+  for m, deltas in synthetic.dense_deltas(adapters).items():
+    ref = reference_fn(deltas)
+    np.testing.assert_allclose(result.delta(m), ref, atol=1e-7 * np.abs(ref).max(), err_msg=m)
+    changed |= not np.allclose(default.delta(m), ref, atol=1e-6 * np.abs(ref).max())
+  assert changed, "the option did not change the merge"
+  for name, value in options.items():
+    assert result.settings[name] == value
+
+
+def test_method_options_are_checked():
+  from knots_jax import merging
+  adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
+  with pytest.raises(ValueError, match="eta=0.5 applies to sftm, not to `ties`"):
+    merging.merge(adapters, "ties", eta=0.5)
+  with pytest.raises(ValueError, match="common_fraction=0.5 applies to iso_cts and core_iso_cts"):
+    merging.merge(adapters, "tsv_m", common_fraction=0.5)
+  with pytest.raises(ValueError, match="eta must be in"):
+    merging.merge(adapters, "sftm", eta=0.0)
+  with pytest.raises(ValueError, match="tsv_keep must be a non-negative integer"):
+    merging.merge(adapters, "tsv_m", tsv_keep=-1)
+  assert "eta" not in merging.merge(adapters, "ta").settings   # only the method's own options
