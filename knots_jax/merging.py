@@ -50,8 +50,11 @@ class Method:
   # combine == "factors": (b [L,n,out,r], a [L,n,r,in], hyper, modules) -> (b_m, a_m) or delta
   factors: Callable | None = None
   core: bool = False  # merge the core matrices of the Core Space
-  # combine == "matrices": (x [L,n,R,C], rank [L], scaling) -> merged [L,R,C]
+  # combine == "matrices": (x [L,n,R,C], rank [L], hyper) -> merged [L,R,C]
   matrices: Callable | None = None
+  # The merged update is exactly alpha times the alpha = 1 merge (a search over
+  # alpha then merges once and rescales). False where alpha enters twice.
+  homogeneous: bool = True
 
   @property
   def space(self) -> str:
@@ -119,6 +122,10 @@ _MATRIX_METHODS = {
         x, common_fraction=hyper["common_fraction"], scaling=hyper["scaling"]), _ISO_CTS),
 }
 
+# Factor methods where alpha weighs both B and A (or the cross term's norm): their
+# update is quadratic in alpha, not proportional to it.
+_QUADRATIC = ("direct_merge", "mm_noise")
+
 # Options of single methods: name -> (default, the methods that use it).
 METHOD_OPTIONS: Mapping[str, tuple[object, tuple[str, ...]]] = {
     "common_fraction": (0.8, ("iso_cts", "core_iso_cts")),
@@ -139,7 +146,7 @@ def _knots_tsv(v, rank, hyper):
 METHODS: Mapping[str, Method] = {
     **{name: Method(False, c, d, ref) for name, (c, d, ref) in _BASE.items()},
     **{f"knots_{name}": Method(True, c, d, _KNOTS + ref) for name, (c, d, ref) in _BASE.items()},
-    **{name: Method(False, "factors", False, ref, fn)
+    **{name: Method(False, "factors", False, ref, fn, homogeneous=name not in _QUADRATIC)
        for name, (fn, ref) in _FACTOR_METHODS.items()},
     "knots_tsv_m": Method(True, "matrices", False, _KNOTS + _TSV + " on V_i^T, all components",
                           matrices=_knots_tsv),

@@ -12,14 +12,16 @@ Differences from the reference, on purpose:
 * The joint decomposition is computed once (the reference recomputes the SVD
   for every configuration): pass an `Alignment`, or an `AdapterSet` that is
   aligned once here.
-* For the methods of the merge table that combine values entry by entry
-  (task arithmetic, averaging, TIES, DARE; in the full, KnOTS or core space:
-  `Method.combine` "sum", "mean" or "ties"), the merged update is exactly
-  proportional to alpha (TIES multiplies every kept value by alpha before the
-  disjoint mean, whose counts do not depend on alpha; DARE's mask depends on the
-  seed only). The alpha stage therefore merges once at alpha = 1 and rescales
-  the result for every alpha (one multiply per stack, not one merge per
-  alpha). Other methods (`iso_c`, `tsv_m`, ...) are merged for every alpha.
+* For most methods of the merge table the merged update is exactly
+  proportional to alpha (`Method.homogeneous`): those that combine values
+  entry by entry (task arithmetic, averaging, TIES, DARE, in any space; TIES
+  multiplies every kept value by alpha before the disjoint mean, whose counts
+  do not depend on alpha; DARE's mask depends on the seed only), and the SVD
+  methods, where alpha multiplies the result (Iso-C, Iso-CTS, TSV-M, SFTM's
+  gamma, SVD_r of the multiplied merge). The alpha stage therefore merges once
+  at alpha = 1 and rescales the result for every alpha (one multiply per
+  stack, not one merge per alpha). `direct_merge` and `mm_noise`, where alpha
+  weighs both factors, are merged for every alpha.
 * Candidates are not batched with `vmap`: `evaluate` is an arbitrary Python
   callback (a model forward pass over a data set) that cannot be traced, and
   with rescaling the merges left in a search are the few second-stage ones.
@@ -73,14 +75,10 @@ def searched_parameter(method: str) -> str | None:
   return None
 
 
-# Entry-wise combinations (in the full, KnOTS or core space), whose merged update is
-# exactly proportional to alpha; any other kind of method is merged for every alpha.
-_HOMOGENEOUS = ("sum", "mean", "ties")
-
-
 def is_homogeneous(method: str) -> bool:
-  """True if the merged update is exactly alpha times the alpha = 1 merge."""
-  return merging.get_method(method).combine in _HOMOGENEOUS
+  """True if the merged update is exactly alpha times the alpha = 1 merge
+  (`Method.homogeneous`: every method but direct_merge and mm_noise)."""
+  return merging.get_method(method).homogeneous
 
 
 @dataclasses.dataclass(frozen=True)
