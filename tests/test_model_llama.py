@@ -235,6 +235,35 @@ def test_attached_adapter_matches_peft_and_detach_gives_the_base(llama_family):
                 _hf_logits(_eager(transformers.LlamaForCausalLM, base), ids, mask))
 
 
+def test_recorded_grams_leave_out_padding(llama_family):
+  """Grams and captured rows of a batch with right padding equal those of its
+  sequences run one by one without padding (the padding rows are not counted),
+  under jit and eagerly."""
+  base, _ = llama_family
+  model = llama.from_pretrained(base)
+  rng = np.random.default_rng(5)
+  lengths = [9, 6, 3]
+  ids = rng.integers(1, 96, size=(3, 9))
+  mask = (np.arange(9)[None] < np.array(lengths)[:, None]).astype(np.int32)
+  lora.record_inputs(model)
+  llama.forward(model, np.where(mask == 1, ids, 0), mask)
+  padded = lora.input_grams(model)
+  lora.stop_recording(model)
+  lora.record_inputs(model)
+  for row, n in zip(ids, lengths):
+    llama.forward(model, row[None, :n])
+  alone = lora.input_grams(model)
+  lora.stop_recording(model)
+  assert set(padded) == set(alone) and len(padded) == 2 * 7 + 1   # + lm_head
+  for name, (gram, count) in padded.items():
+    assert count == alone[name][1] == sum(lengths), name
+    np.testing.assert_allclose(gram, alone[name][0], rtol=1e-4,
+                               atol=1e-4 * np.abs(alone[name][0]).max(), err_msg=name)
+  name = "model.layers.1.mlp.down_proj"
+  rows = lora.capture_inputs(model, lambda: model(np.where(mask == 1, ids, 0), mask), [name])
+  assert rows[name].shape == (sum(lengths), model.config.intermediate_size)
+
+
 def test_make_forward_compiles_once_per_shape(llama_family):
   base, adapters = llama_family
   model = llama.from_pretrained(base)

@@ -264,20 +264,20 @@ class Attention(nnx.Module):
     self.o_proj = make("o_proj", h * hd, d)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array) -> jax.Array:
+               mask: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     b, t, _ = x.shape
     kv, groups, hd = cfg.num_key_value_heads, cfg.num_key_value_groups, cfg.head_dim
     # Query head j*groups + g shares key/value head j (HF's repeat_kv).
-    q = apply_rotary(self.q_proj(x).reshape(b, t, kv, groups, hd), cos, sin)
-    k = apply_rotary(self.k_proj(x).reshape(b, t, kv, hd), cos, sin)
-    v = self.v_proj(x).reshape(b, t, kv, hd)
+    q = apply_rotary(self.q_proj(x, tokens).reshape(b, t, kv, groups, hd), cos, sin)
+    k = apply_rotary(self.k_proj(x, tokens).reshape(b, t, kv, hd), cos, sin)
+    v = self.v_proj(x, tokens).reshape(b, t, kv, hd)
     scores = jnp.einsum("btjgd,bsjd->bjgts", q, k) * hd ** -0.5
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bjgts,bsjd->btjgd", probs, v).reshape(b, t, kv * groups * hd)
-    return self.o_proj(out)
+    return self.o_proj(out, tokens)
 
 
 class MLP(nnx.Module):
@@ -291,8 +291,9 @@ class MLP(nnx.Module):
     self.up_proj = make("up_proj", d, ff)
     self.down_proj = make("down_proj", ff, d)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
+    hidden = jax.nn.silu(self.gate_proj(x, tokens)) * self.up_proj(x, tokens)
+    return self.down_proj(hidden, tokens)
 
 
 class DecoderLayer(nnx.Module):
@@ -305,9 +306,10 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, f"{prefix}.mlp", dtype, rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+  def __call__(self, x, cos, sin, mask, tokens=None):
+    """`tokens` [B, T] (the attention_mask): which rows the layers' recordings count."""
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, tokens)
+    return x + self.mlp(self.post_attention_layernorm(x), tokens)
 
 
 class LlamaModel(nnx.Module):
@@ -332,7 +334,7 @@ class LlamaModel(nnx.Module):
     cos, sin = rotary_embedding(position_ids, self.config, x.dtype)
     mask = attention_mask_matrix(attention_mask, b, t)
     for layer in self.layers:
-      x = layer(x, cos, sin, mask)
+      x = layer(x, cos, sin, mask, attention_mask)
     return self.norm(x)
 
 
@@ -377,7 +379,9 @@ class LlamaForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None) -> jax.Array:
     h = self.model(input_ids, attention_mask, position_ids)
-    return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(h)
+    return self.lm_head(h, attention_mask)
 
 
 def last_token_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:

@@ -67,14 +67,23 @@ class LoraLinear(nnx.Module):
     self.input_count: InputGram | None = nnx.data(None)
     self.input_rows: InputGram | None = nnx.data(None)
 
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, tokens: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x [..., in]; `tokens` (x's leading shape, 1 = token, 0 = padding) only
+    decides which input rows the recordings count: padding rows are left out."""
     if self.input_rows is not None:   # capture_inputs: eager only (the shape grows)
       rows = x.reshape(-1, self.in_features).astype(jnp.float32)
+      if tokens is not None:
+        rows = rows[np.asarray(tokens).reshape(-1) != 0]
       self.input_rows.set_value(jnp.concatenate([self.input_rows.get_value(), rows]))
     if self.input_gram is not None:
       rows = x.reshape(-1, self.in_features).astype(jnp.float32)
+      if tokens is None:
+        self.input_count[...] += rows.shape[0]
+      else:
+        keep = tokens.reshape(-1) != 0
+        rows = jnp.where(keep[:, None], rows, 0)
+        self.input_count[...] += jnp.sum(keep).astype(jnp.int32)
       self.input_gram[...] += rows.T @ rows
-      self.input_count[...] += rows.shape[0]
     y = x @ self.kernel[...]
     if self.bias is not None:
       y = y + self.bias[...]
@@ -102,9 +111,10 @@ class LoraLinear(nnx.Module):
 def record_inputs(model: nnx.Module, names: list[str] | None = None) -> None:
   """Starts accumulating each layer's input Gram matrix (all layers, or `names`).
 
-  Every later forward pass (eager or under `nnx.jit`) adds `x^T x` over all
-  input rows (padding positions included: pass unpadded batches when that
-  matters); read with `input_grams`, stop with `stop_recording`.
+  Every later forward pass (eager or under `nnx.jit`) adds `x^T x` over its
+  input rows; the Llama model passes its `attention_mask` down, so padding
+  positions are left out (a layer called without `tokens` counts every row).
+  Read with `input_grams`, stop with `stop_recording`.
   """
   layers = linears(model)
   for name in layers if names is None else names:
