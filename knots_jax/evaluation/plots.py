@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -111,15 +112,23 @@ def plot_sweep(records: Sequence[Mapping], path: str, *, x: str, y: str = "value
   return _save(fig, records, path, kind="sweep", x=x, y=y)
 
 
+def _short_module(name: str) -> str:
+  """`model.layers.3.self_attn.q_proj` -> `L3.q_proj` (any prefix before `layers.<i>.`)."""
+  return re.sub(r"^.*?layers\.(\d+)\.(?:self_attn\.|mlp\.)?", r"L\1.", name)
+
+
 def plot_cka(report: CKAReport, path: str, *, title: str | None = None) -> dict[str, str]:
   """Task-by-task CKA (mean over modules) before and after KnOTS, and per-module bars.
 
   The CSV holds one row per module and task pair; the JSON also the summary.
   """
   summary = report.summary()
-  fig = Figure(figsize=(13, 4.5), layout="constrained")
+  n = len(report.tasks)
+  side = max(4.0, 0.55 * n + 1.8)          # inches per heatmap: readable cells up to ~12 tasks
+  fig = Figure(figsize=(3.4 * side, side + 0.5), layout="constrained")
   axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.4]})
-  ticks = range(len(report.tasks))
+  ticks = range(n)
+  cell_font = 7 if n <= 6 else 6 if n <= 9 else 5
   for ax, matrix, label in ((axes[0], report.before.mean(axis=0), "before"),
                             (axes[1], report.after.mean(axis=0), f"after ({report.after_kind})")):
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -128,15 +137,16 @@ def plot_cka(report: CKAReport, path: str, *, title: str | None = None) -> dict[
     ax.set_title(f"CKA {label}\nmean off-diagonal {summary[label.split()[0]]:.3f}")
     for i in ticks:
       for j in ticks:
-        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=cell_font,
                 color="white" if matrix[i, j] < 0.5 else "black")
   fig.colorbar(image, ax=axes[:2].tolist(), shrink=0.8)
   rows = summary["per_module"]
   pos = np.arange(len(rows))
   axes[2].bar(pos - 0.2, [r["before"] for r in rows], width=0.4, label="before")
   axes[2].bar(pos + 0.2, [r["after"] for r in rows], width=0.4, label="after")
-  axes[2].set_xticks(pos, [r["module"].removeprefix("model.") for r in rows], rotation=60,
-                     ha="right", fontsize=6)
+  step = max(1, len(rows) // 32)          # at most ~32 labels
+  axes[2].set_xticks(pos[::step], [_short_module(r["module"]) for r in rows][::step],
+                     rotation=60, ha="right", fontsize=6)
   axes[2].set_ylim(0, 1)
   axes[2].set_ylabel("mean off-diagonal CKA")
   axes[2].legend()
