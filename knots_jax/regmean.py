@@ -98,7 +98,8 @@ def collect_grams(model: nnx.Module, forward: Callable[[nnx.Module, Any], Any],
     model: any NNX model built from `lora.LoraLinear`.
     forward: `forward(model, batch)`; its output is ignored.
     batches: an iterable of batches (any pytree `forward` accepts). Padding
-      positions count as inputs: pass unpadded batches where that matters.
+      positions are left out when `forward` passes the attention mask to the
+      Flax Llama (`lora.record_inputs`).
     modules: HF module paths to record (default: every `LoraLinear`).
     mesh: split each batch's leading axis over the mesh (`place_batch`); the
       model's arrays are used as placed (single-device arrays are replicated by

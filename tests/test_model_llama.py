@@ -259,9 +259,22 @@ def test_recorded_grams_leave_out_padding(llama_family):
     assert count == alone[name][1] == sum(lengths), name
     np.testing.assert_allclose(gram, alone[name][0], rtol=1e-4,
                                atol=1e-4 * np.abs(alone[name][0]).max(), err_msg=name)
-  name = "model.layers.1.mlp.down_proj"
-  rows = lora.capture_inputs(model, lambda: model(np.where(mask == 1, ids, 0), mask), [name])
-  assert rows[name].shape == (sum(lengths), model.config.intermediate_size)
+  # q/k/v (and gate/up) get one input: one of them records, the others share its
+  # Gram, which equals the Gram of each one's own captured input rows.
+  layers = lora.linears(model)
+  lora.record_inputs(model)
+  recording = sorted(n for n, layer in layers.items() if layer.input_gram is not None)
+  lora.stop_recording(model)
+  assert len(recording) == 2 * 4 + 1
+  assert sum(n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj", "v_proj")
+             for n in recording) == 1
+  names = ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+           "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+  rows = lora.capture_inputs(model, lambda: model(np.where(mask == 1, ids, 0), mask), names)
+  assert rows[names[-1]].shape == (sum(lengths), model.config.intermediate_size)
+  for name in names:
+    np.testing.assert_allclose(padded[name][0], rows[name].T @ rows[name], rtol=1e-4,
+                               atol=1e-4 * np.abs(padded[name][0]).max(), err_msg=name)
 
 
 def test_make_forward_compiles_once_per_shape(llama_family):

@@ -159,10 +159,12 @@ class Attention(nnx.Module):
     d = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.head_dim = d // self.num_heads
-    make = lambda name: lora.LoraLinear(d, d, hf_name=f"{prefix}.{name}", use_bias=True,
-                                        dtype=dtype, rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-        make("q_proj"), make("k_proj"), make("v_proj"), make("out_proj"))
+    make = lambda name, group=None: lora.LoraLinear(
+        d, d, hf_name=f"{prefix}.{name}", use_bias=True, dtype=dtype, rngs=rngs,
+        input_group=group)
+    self.q_proj, self.k_proj, self.v_proj, self.out_proj = (   # q, k, v: one input
+        make("q_proj", f"{prefix}.input"), make("k_proj", f"{prefix}.input"),
+        make("v_proj", f"{prefix}.input"), make("out_proj"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape

@@ -255,12 +255,12 @@ class Attention(nnx.Module):
     self.config = config
     d, h, kv, hd = (config.hidden_size, config.num_attention_heads,
                     config.num_key_value_heads, config.head_dim)
-    make = lambda name, n_in, n_out: lora.LoraLinear(
+    make = lambda name, n_in, n_out, group=None: lora.LoraLinear(
         n_in, n_out, hf_name=f"{prefix}.{name}", use_bias=config.attention_bias,
-        dtype=dtype, rngs=rngs)
-    self.q_proj = make("q_proj", d, h * hd)
-    self.k_proj = make("k_proj", d, kv * hd)
-    self.v_proj = make("v_proj", d, kv * hd)
+        dtype=dtype, rngs=rngs, input_group=group)
+    self.q_proj = make("q_proj", d, h * hd, f"{prefix}.input")   # q, k, v: one input
+    self.k_proj = make("k_proj", d, kv * hd, f"{prefix}.input")
+    self.v_proj = make("v_proj", d, kv * hd, f"{prefix}.input")
     self.o_proj = make("o_proj", h * hd, d)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -285,10 +285,11 @@ class MLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, prefix: str, dtype, rngs: nnx.Rngs):
     d, ff = config.hidden_size, config.intermediate_size
-    make = lambda name, n_in, n_out: lora.LoraLinear(
-        n_in, n_out, hf_name=f"{prefix}.{name}", use_bias=config.mlp_bias, dtype=dtype, rngs=rngs)
-    self.gate_proj = make("gate_proj", d, ff)
-    self.up_proj = make("up_proj", d, ff)
+    make = lambda name, n_in, n_out, group=None: lora.LoraLinear(
+        n_in, n_out, hf_name=f"{prefix}.{name}", use_bias=config.mlp_bias, dtype=dtype, rngs=rngs,
+        input_group=group)
+    self.gate_proj = make("gate_proj", d, ff, f"{prefix}.input")   # gate, up: one input
+    self.up_proj = make("up_proj", d, ff, f"{prefix}.input")
     self.down_proj = make("down_proj", ff, d)
 
   def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> jax.Array:

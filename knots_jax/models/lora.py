@@ -50,11 +50,18 @@ class LoraLinear(nnx.Module):
     lora_a: [r, in] or None; lora_b: [out, r] or None; lora_scale: scalar.
     input_gram, input_count: while recording (`record_inputs`), the sum of
       `x^T x` [in, in] and the number of input rows seen.
+    input_group: layers built with the same group receive the same input;
+      `record_inputs` then records it once (`gram_from`: the layer that does).
   """
 
   def __init__(self, in_features: int, out_features: int, *, hf_name: str,
-               use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+               use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+               input_group: str | None = None):
     self.hf_name = hf_name
+    # Layers of one group always see the same input (q, k, v of one attention):
+    # while recording, one of them sums the Gram and the others share it.
+    self.input_group = input_group
+    self.gram_from: str | None = None
     self.in_features, self.out_features = in_features, out_features
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     init = nnx.initializers.lecun_normal()
@@ -117,18 +124,29 @@ def record_inputs(model: nnx.Module, names: list[str] | None = None) -> None:
   Read with `input_grams`, stop with `stop_recording`.
   """
   layers = linears(model)
+  recorders: dict[str, str] = {}   # input group -> the layer that records it
   for name in layers if names is None else names:
     if name not in layers:
       raise ValueError(f"no layer `{name}` in the model")
     layer = layers[name]
+    group = layer.input_group or name
+    if group in recorders:            # same input as a recording layer: share its Gram
+      layer.gram_from = recorders[group]
+      continue
+    recorders[group] = name
     layer.input_gram = InputGram(jnp.zeros((layer.in_features,) * 2, jnp.float32))
     layer.input_count = InputGram(jnp.zeros((), jnp.int32))
 
 
 def input_grams(model: nnx.Module) -> dict[str, tuple[np.ndarray, int]]:
-  """{layer name: (sum of x^T x [in, in], number of rows)} of the recording layers."""
-  return {name: (np.asarray(layer.input_gram[...]), int(layer.input_count[...]))
-          for name, layer in linears(model).items() if layer.input_gram is not None}
+  """{layer name: (sum of x^T x [in, in], number of rows)} of the recording layers
+  (layers sharing an input share one array)."""
+  layers = linears(model)
+  own = {name: (np.asarray(layer.input_gram[...]), int(layer.input_count[...]))
+         for name, layer in layers.items() if layer.input_gram is not None}
+  shared = {name: own[layer.gram_from] for name, layer in layers.items()
+            if layer.gram_from is not None and layer.gram_from in own}
+  return {name: (own | shared)[name] for name in layers if name in own or name in shared}
 
 
 def capture_inputs(model: nnx.Module, run: Callable[[], object],
@@ -157,6 +175,7 @@ def capture_inputs(model: nnx.Module, run: Callable[[], object],
 def stop_recording(model: nnx.Module) -> None:
   for layer in linears(model).values():
     layer.input_gram = layer.input_count = None
+    layer.gram_from = None
 
 
 def linears(model: nnx.Module) -> dict[str, LoraLinear]:
