@@ -61,8 +61,11 @@ def _example_log_likelihood(log_probs: jax.Array, label: jax.Array) -> jax.Array
   return jnp.sum(jnp.where(label >= 0, picked, 0))
 
 
-def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, targets, keys):
-  """Sum over the batch of squared per-example gradients w.r.t. `kernels` (float32)."""
+def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, targets, keys,
+                       counted):
+  """Sum over the batch of squared per-example gradients w.r.t. `kernels` (float32).
+
+  `counted`: None, or [B, *S] (1: the position counts; 0: padding, left out)."""
 
   def log_probs_of(k, example):
     model = nnx.merge(graphdef, k, rest)
@@ -73,7 +76,7 @@ def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, tar
                        f"{out.shape}")
     return out[0].astype(jnp.float32)
 
-  def one_example(example, target, key):
+  def one_example(example, target, key, count):
     if labels == "expected":
       log_probs = log_probs_of(kernels, example)
       if log_probs.ndim != 1:
@@ -93,12 +96,17 @@ def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, tar
         if label.shape != log_probs.shape[:-1]:
           raise ValueError(f"fisher: an example's labels have shape {label.shape} but its "
                            f"log-probs have shape {log_probs.shape} ([..., C])")
+      if count is not None:
+        if count.shape != log_probs.shape[:-1]:
+          raise ValueError(f"fisher: positions() gives shape {count.shape} per example but "
+                           f"the log-probs have shape {log_probs.shape} ([..., C])")
+        label = jnp.where(count != 0, label, -1)
       return _example_log_likelihood(log_probs, label)
 
     grad = jax.grad(log_likelihood)(kernels)
     return jax.tree_util.tree_map(lambda g: jnp.square(g.astype(jnp.float32)), grad)
 
-  per_example = jax.vmap(one_example)(inputs, targets, keys)
+  per_example = jax.vmap(one_example)(inputs, targets, keys, counted)
   return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
 
@@ -115,8 +123,8 @@ def _batch_size(inputs: Any) -> int:
 
 def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], jax.Array],
                     batches: Iterable[Any], modules: Sequence[str] | None = None, *,
-                    n_examples: int, labels: str = "sampled",
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    n_examples: int, labels: str = "sampled", seed: int = 0,
+                    positions: Callable[[Any], Any] | None = None) -> dict[str, np.ndarray]:
   """Diagonal Fisher [out, in] of each adapted module's full weight, from N examples.
 
   Args:
@@ -137,11 +145,18 @@ def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], 
       (sum_c p_c g_c^2, exact; C gradients per example, [B, C] only) or
       "empirical" (the given labels).
     seed: the sampling seed; the same seed and batches give the same Fisher.
+    positions: for log-probs [B, *S, C], `positions(inputs) -> [B, *S]` of 1
+      (the position counts) and 0 (padding: left out of the log-likelihood),
+      e.g. `lambda b: b["attention_mask"]`. Without it every position counts
+      under "sampled" (under "empirical", labels < 0 are left out already).
 
   Memory: the per-example gradients of one batch, B x the adapted weights.
   """
   if labels not in LABELS:
     raise ValueError(f"fisher: labels must be one of {', '.join(LABELS)}; got {labels!r}")
+  if positions is not None and labels == "expected":
+    raise ValueError("fisher: positions= is for log-probs [B, *S, C]; labels='expected' "
+                     "takes one prediction per example")
   if not isinstance(n_examples, (int, np.integer)) or n_examples < 1:
     raise ValueError(f"fisher: n_examples must be a positive integer, got {n_examples!r}")
   if modules is None:
@@ -168,8 +183,9 @@ def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], 
       inputs = jax.tree_util.tree_map(lambda x: x[:take], inputs)
     targets = jnp.zeros((take,), jnp.int32) if targets is None else jnp.asarray(targets)[:take]
     keys = jax.random.split(jax.random.fold_in(key, index), take)
+    counted = None if positions is None else jnp.asarray(positions(inputs))
     sums = _squared_gradients_jit(graphdef, log_prob_fn, labels, kernels, rest, inputs,
-                                  targets, keys)
+                                  targets, keys, counted)
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
     seen += take
   if seen < n_examples:
@@ -182,7 +198,8 @@ def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], 
 def task_fishers(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], jax.Array],
                  adapters: AdapterSet, batches_per_task: Sequence[Iterable[Any]],
                  modules: Sequence[str] | None = None, *, n_examples: int,
-                 labels: str = "sampled", seed: int = 0) -> list[dict[str, np.ndarray]]:
+                 labels: str = "sampled", seed: int = 0,
+                 positions: Callable[[Any], Any] | None = None) -> list[dict[str, np.ndarray]]:
   """`fisher_diagonal` of each task with its own adapter attached: one dict per adapter.
 
   `modules` defaults to the adapted modules; every adapter is detached again
@@ -192,7 +209,8 @@ def task_fishers(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], jax
   return regmean.per_task(
       "fisher", model, adapters, batches_per_task,
       lambda batches: fisher_diagonal(model, log_prob_fn, batches, modules,
-                                      n_examples=n_examples, labels=labels, seed=seed))
+                                      n_examples=n_examples, labels=labels, seed=seed,
+                                      positions=positions))
 
 
 # ------------------------------------------------------------------- merge

@@ -156,6 +156,38 @@ def test_positions_are_summed_and_negative_labels_ignored():
     fisher.fisher_diagonal(model, log_softmax_of, [x], n_examples=3, labels="expected")
 
 
+def test_positions_leave_out_padding():
+  """positions(inputs) = 0 removes a position from the log-likelihood: with given labels it
+  equals the label -1 (checked against the hand-derived gradient); with sampled labels an
+  all-ones mask changes nothing and an all-zero one leaves no Fisher."""
+  model, weight, bias = linear_model(8)
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(3, 4, IN)).astype(np.float32)
+  y = rng.integers(0, OUT, size=(3, 4))
+  mask = np.ones((3, 4), np.int32)
+  mask[0, 2:] = mask[2, 3] = 0                                   # right padding
+  batch = {"x": x, "mask": mask}
+  f = lambda m, b: log_softmax_of(m, b["x"])
+  got = fisher.fisher_diagonal(model, f, [(batch, y)], n_examples=3, labels="empirical",
+                               positions=lambda b: b["mask"])
+  grads = numpy_gradient(weight, bias, x.reshape(-1, IN).astype(np.float64),
+                         y.reshape(-1)).reshape(3, 4, OUT, IN)
+  grads = np.where((mask == 1)[:, :, None, None], grads, 0).sum(1)
+  np.testing.assert_allclose(got["head"], np.mean(grads ** 2, axis=0), rtol=1e-5, atol=1e-7)
+
+  sampled = lambda positions: fisher.fisher_diagonal(
+      model, f, [batch], n_examples=3, seed=4, positions=positions)["head"]
+  plain = sampled(None)
+  np.testing.assert_array_equal(sampled(lambda b: np.ones((3, 4))), plain)
+  assert not np.allclose(sampled(lambda b: b["mask"]), plain)
+  np.testing.assert_array_equal(sampled(lambda b: np.zeros((3, 4))), 0)
+  with pytest.raises(ValueError, match="positions\(\) gives shape"):
+    sampled(lambda b: np.ones((3, 5)))
+  with pytest.raises(ValueError, match="positions= is for"):
+    fisher.fisher_diagonal(model, f, [batch], n_examples=3, labels="expected",
+                           positions=lambda b: b["mask"])
+
+
 def test_n_examples_cuts_the_last_batch_and_too_few_raise():
   model, _, _ = linear_model(7)
   rng = np.random.default_rng(7)
