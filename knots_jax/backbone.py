@@ -327,9 +327,9 @@ class MergedModelWriter:
 
   `overlap` defaults to True when JAX's default backend is an accelerator (the
   merge runs there, the copy on the host) and False on the CPU backend, where
-  the copy takes cores from XLA's compute threads: on the 2-core test host a
-  merge beside the copy took 1.2-1.6x longer and the whole job was no faster
-  (docs/performance.md).
+  the copy takes cores from XLA's compute threads: on the 2-core test host
+  single runs saw the merge slowed 1.2-1.6x by the copy, and over 3 runs the
+  whole job was no faster (docs/performance.md).
 
   `changed` is a hint: a tensor the result does not change after all is
   copied in `finish`, and one it changes that was not announced is written
