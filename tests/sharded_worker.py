@@ -114,12 +114,16 @@ def _ingredients_round_trip(directory, alignment, case, mesh, info) -> dict:
 
 
 def _model_round_trip(model, mesh, info) -> dict:
-  """The full merged model through Orbax on every process: save, restore onto the mesh."""
+  """The full merged model through Orbax on every process (save, restore onto the mesh),
+  and as HF safetensors shards."""
   import knots_jax
-  from knots_jax import model_checkpoint, sharding
+  from knots_jax import backbone, model_checkpoint, sharding
   result = knots_jax.merge(knots_jax.load_adapters(model["adapters"]), "knots_ties", top_k=30,
                            mesh=mesh)
   model_checkpoint.save_merged_model_orbax(result, model["base"], model["dir"], mesh=mesh)
+  # HF safetensors too: every process computes the merged tensors, process 0 writes
+  backbone.save_merged_model(result, model["base"], model["dir"] + "_safetensors",
+                             max_shard_size="20KB", mesh=mesh)
   restored = model_checkpoint.restore_merged_model(model["dir"], mesh=mesh)
   info["model"] = {key: {"spec": str(v.sharding.spec), "local_shards": len(v.addressable_shards),
                          "fully_addressable": v.is_fully_addressable}

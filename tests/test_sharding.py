@@ -100,7 +100,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_of_four_devices_equal_one_device(llama_family, tmp_path):
-  """Merges, the saved alignment and the Orbax full model, on 2 processes x 4 devices."""
+  """Merges, the saved alignment and the full model (Orbax and safetensors), on 2 processes
+  x 4 devices."""
   cases = [c for c in CASES if c["layers"] != 8]
   address = f"127.0.0.1:{_free_port()}"
   base, adapter_dirs = llama_family
@@ -139,6 +140,11 @@ def test_two_processes_of_four_devices_equal_one_device(llama_family, tmp_path):
     assert seen["fully_addressable"] == (not rows_divide) and seen["local_shards"] == 4
     np.testing.assert_allclose(got[f"model/{key}"], want, rtol=0, atol=1e-6, err_msg=key)
   assert any("stack" in info["model"][k]["spec"] for k in single)
+  # the safetensors full model written by process 0 equals the single-process merge
+  written = backbone.read_backbone(str(tmp_path / "model_safetensors"))
+  assert set(written) == set(single)
+  for key, want in single.items():
+    np.testing.assert_allclose(np.asarray(written[key]), want, rtol=0, atol=1e-6, err_msg=key)
 
 
 # --- one device, in this process -------------------------------------------------
