@@ -133,7 +133,7 @@ def _sample(x, valid, stride):
   same positions for every task), -1 where the row is invalid: [L * m, n]."""
   L, n, R, C = x.shape
   picked = x.reshape(L, n, R * C)[:, :, ::stride]                  # [L, n, m]
-  rows = np.arange(0, R * C, stride) // C
+  rows = jnp.arange(0, R * C, stride) // C                         # an iota, not a constant
   mag = jnp.where(valid[:, rows][:, None], jnp.abs(picked), -1)
   return jnp.moveaxis(mag, 1, 2).reshape(-1, n)
 
