@@ -67,10 +67,18 @@ def _truncated_stacks(result: MergeResult, rank: int):
       yield (stack, *lowrank.truncate_dense(stack.delta, rank))
 
 
+def _nonzero_components(stack) -> tuple[np.ndarray, np.ndarray]:
+  """The stack's factors without the components that are zero in every module
+  (padding of smaller ranks, KnOTS components under `tol`): b [L, out, k], a [L, k, in]."""
+  b, a = np.asarray(stack.b), np.asarray(stack.a)
+  used = np.any(b != 0, axis=(0, 1)) & np.any(a != 0, axis=(0, 2))
+  return b[:, :, used], a[:, used, :]
+
+
 def _exact_stacks(result: MergeResult, rank: int):
   """(stack, b, a, zero errors) of every stack, zero-padded to `rank` (exact)."""
   for stack in result.stacks:
-    b, a = np.asarray(stack.b), np.asarray(stack.a)
+    b, a = _nonzero_components(stack)
     extra = rank - b.shape[-1]
     b = np.pad(b, ((0, 0), (0, 0), (0, extra)))
     a = np.pad(a, ((0, 0), (0, extra), (0, 0)))
@@ -112,8 +120,8 @@ def save_peft_adapter(result: MergeResult, out_dir: str, *, rank: int | None = N
         "pass rank=... to save_peft_adapter for its best rank-r approximation "
         "(--config.rank), or write base + update with save_merged_weights "
         "(--config.base_model)")
-  if rank is None:
-    out_rank = max(int(s.b.shape[-1]) for s in result.stacks)
+  if rank is None:   # exact: every component used by some module of its stack
+    out_rank = max(1, max(int(_nonzero_components(s)[0].shape[-1]) for s in result.stacks))
     stacks = _exact_stacks(result, out_rank)
   else:
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
