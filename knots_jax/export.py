@@ -75,10 +75,9 @@ def _nonzero_components(stack) -> tuple[np.ndarray, np.ndarray]:
   return b[:, :, used], a[:, used, :]
 
 
-def _exact_stacks(result: MergeResult, rank: int):
-  """(stack, b, a, zero errors) of every stack, zero-padded to `rank` (exact)."""
-  for stack in result.stacks:
-    b, a = _nonzero_components(stack)
+def _exact_stacks(trimmed, rank: int):
+  """(stack, b, a, zero errors) of every (stack, b, a) of `trimmed`, zero-padded to `rank`."""
+  for stack, b, a in trimmed:
     extra = rank - b.shape[-1]
     b = np.pad(b, ((0, 0), (0, 0), (0, extra)))
     a = np.pad(a, ((0, 0), (0, extra), (0, 0)))
@@ -121,8 +120,9 @@ def save_peft_adapter(result: MergeResult, out_dir: str, *, rank: int | None = N
         "(--config.rank), or write base + update with save_merged_weights "
         "(--config.base_model)")
   if rank is None:   # exact: every component used by some module of its stack
-    out_rank = max(1, max(int(_nonzero_components(s)[0].shape[-1]) for s in result.stacks))
-    stacks = _exact_stacks(result, out_rank)
+    trimmed = [(s, *_nonzero_components(s)) for s in result.stacks]
+    out_rank = max(1, max(int(b.shape[-1]) for _, b, _ in trimmed))
+    stacks = _exact_stacks(trimmed, out_rank)
   else:
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
       raise ValueError(f"save_peft_adapter: rank must be a positive integer; got {rank!r}")

@@ -146,7 +146,8 @@ def input_grams(model: nnx.Module) -> dict[str, tuple[np.ndarray, int]]:
          for name, layer in layers.items() if layer.input_gram is not None}
   shared = {name: own[layer.gram_from] for name, layer in layers.items()
             if layer.gram_from is not None and layer.gram_from in own}
-  return {name: (own | shared)[name] for name in layers if name in own or name in shared}
+  both = own | shared
+  return {name: both[name] for name in layers if name in both}   # in layer order
 
 
 def capture_inputs(model: nnx.Module, run: Callable[[], object],
