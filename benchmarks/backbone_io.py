@@ -14,15 +14,15 @@ programs nor the peak resident memory of one run reach the next):
               memory): the baseline of the target
   cp          `shutil.copyfile` of every file (the kernel copies; informational)
   ours        load the adapters, KnOTS-TIES (top-K 30) from a cold start (jit
-              compilation included), then `backbone.save_merged_model`: the
+              compilation included), then `full_model.save_merged_model`: the
               unchanged tensors copied file to file on a thread while the
               q/k/v/o weights get base + merged update; then warm repeats of
               both (informational). This is what `knots-jax merge` does on the
               CPU backend.
-  overlap     the same with `backbone.MergedModelWriter(overlap=True)`: the copy
+  overlap     the same with `full_model.MergedModelWriter(overlap=True)`: the copy
               starts before the merge and runs beside it (the default on
               accelerators; on the CPU backend it competes with XLA for cores)
-  orbax       the same merge, then `model_checkpoint.save_merged_model_orbax`
+  orbax       the same merge, then `orbax_model.save_merged_model_orbax`
               (informational: it holds the whole merged model)
 
 each `--repeat` times (default 3; the run with the median total is reported,
@@ -96,10 +96,12 @@ def write_base(path: str, size: dict) -> dict:
   """Random bf16 Llama as HF safetensors shards (one shard in memory at a time)."""
   import ml_dtypes
   from safetensors.numpy import save_file
-  from knots_jax import backbone, checkpoint
+
+  from knots_jax.export import full_model
+  from knots_jax.io import hf_checkpoint
   shapes = llama_shapes(size)
   header = {k: (None, s, np.dtype(ml_dtypes.bfloat16)) for k, s in shapes.items()}
-  plan = backbone.plan_shards(header, backbone.parse_size(size["shard"]))
+  plan = full_model.plan_shards(header, full_model.parse_size(size["shard"]))
   os.makedirs(path)
   rng = np.random.default_rng(0)
   weight_map, sizes = {}, []
@@ -115,7 +117,7 @@ def write_base(path: str, size: dict) -> dict:
     sizes.append(sum(t.nbytes for t in tensors.values()))
     weight_map.update({k: name for k in keys})
     del tensors
-  with open(os.path.join(path, checkpoint.INDEX), "w") as f:
+  with open(os.path.join(path, hf_checkpoint.INDEX), "w") as f:
     json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf_config(size), f)
@@ -200,18 +202,19 @@ def child(mode: str, spec: dict) -> dict:
   """One measurement, in this (fresh) process."""
   out = {"rss_after_imports_mib": None}
   if mode in ("plain", "cp"):
-    from knots_jax import checkpoint   # imports safetensors.numpy before the clock starts
+    from knots_jax.io import hf_checkpoint  # imports safetensors.numpy before the clock starts
     out["rss_after_imports_mib"] = _rss_now_mib()
     start = time.perf_counter()
     _, out["peak_rss_write_mib"] = _phase_peak(
-        lambda: (_plain_copy if mode == "plain" else _cp)(spec, checkpoint.INDEX))
+        lambda: (_plain_copy if mode == "plain" else _cp)(spec, hf_checkpoint.INDEX))
     out["seconds"] = {"total": time.perf_counter() - start}
     out["peak_rss_mib"] = _process_peak_mib()
     return out
 
   import jax
+
   import knots_jax
-  from knots_jax import backbone, model_checkpoint
+  from knots_jax.export import full_model, orbax_model
   out["rss_after_imports_mib"] = _rss_now_mib()
   out["devices"] = [str(d) for d in jax.devices()]
   merge = lambda adapters: knots_jax.merge(adapters, "knots_ties", top_k=30)
@@ -220,8 +223,8 @@ def child(mode: str, spec: dict) -> dict:
   t["load adapters"] = time.perf_counter() - start
   if mode == "overlap":
     def run():
-      with backbone.MergedModelWriter(spec["base"], spec["out"], max_shard_size=spec["shard"],
-                                      changed=backbone.changed_keys(adapters),
+      with full_model.MergedModelWriter(spec["base"], spec["out"], max_shard_size=spec["shard"],
+                                      changed=full_model.changed_keys(adapters),
                                       overlap=True) as writer:
         begin = time.perf_counter()
         result = merge(adapters)
@@ -240,9 +243,9 @@ def child(mode: str, spec: dict) -> dict:
 
     def write(path):
       if mode == "ours":
-        backbone.save_merged_model(result, spec["base"], path, max_shard_size=spec["shard"])
+        full_model.save_merged_model(result, spec["base"], path, max_shard_size=spec["shard"])
       else:
-        model_checkpoint.save_merged_model_orbax(result, spec["base"], path)
+        orbax_model.save_merged_model_orbax(result, spec["base"], path)
 
     begin = time.perf_counter()
     _, out["peak_rss_write_mib"] = _phase_peak(lambda: write(spec["out"]))

@@ -48,8 +48,8 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 import knots_jax  # noqa: E402
-from knots_jax import decomposition as align_lib  # noqa: E402
-from knots_jax import export  # noqa: E402
+from knots_jax.alignment import knots_svd  # noqa: E402
+from knots_jax.export import peft_adapter  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
           "o_proj": (4096, 4096)}
@@ -97,7 +97,7 @@ def time_core(paths: list[str], out_dir: str, top_k: float, mesh=None) -> dict:
   t["threshold+merge"] = result.stats["merge_seconds"]
   t["(of which threshold)"] = result.stats["threshold_seconds"]
   start = time.perf_counter()
-  export.save_peft_adapter(result, out_dir, overwrite=True)
+  peft_adapter.save_peft_adapter(result, out_dir, overwrite=True)
   t["write"] = time.perf_counter() - start
   t["total"] = sum(v for k, v in t.items() if not k.startswith("("))
   return t
@@ -113,7 +113,7 @@ def time_dense(paths: list[str], modules: int) -> dict:
     for m in mods:
       delta = jnp.asarray(np.stack([f.delta() for f in adapters.factors(m)])[None])
       start = time.perf_counter()
-      out = align_lib._dense_stack(delta, align_lib.DEFAULT_TOL, None)
+      out = knots_svd._dense_stack(delta, knots_svd.DEFAULT_TOL, None)
       jax.block_until_ready(out)
       seconds.append(time.perf_counter() - start)
     per_shape[name] = float(np.median(seconds))
@@ -130,7 +130,7 @@ def machine_info() -> dict:
 
 def device_child(config: str, paths: list[str], top_k: float) -> dict:
   """In a fresh process set up by `time_devices`: the core path on this process's devices."""
-  from knots_jax import sharding
+  from knots_jax.parallel import sharding
   devices = jax.devices()
   mesh = sharding.make_mesh() if len(devices) > 1 else None
   root = tempfile.mkdtemp(prefix="knots_bench_out_")

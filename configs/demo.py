@@ -9,7 +9,8 @@ the merged dense weights go to outputs/demo_merged/ (replaced on every run).
 
 import os
 
-from knots_jax import config as config_lib
+from knots_jax.io import config_args
+from knots_jax.merging import config as config_lib
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "demo")
 
@@ -25,4 +26,4 @@ def get_config(arg: str | None = None):
   config.top_k = 30.0
   config.output = os.path.join("outputs", "demo_merged")
   config.overwrite = True
-  return config_lib.parse_preset(config, arg)
+  return config_args.parse_preset(config, arg)

@@ -26,7 +26,8 @@ optimum (which depends on the adapters): sweep them with one saved alignment,
 
 import os
 
-from knots_jax import config as config_lib
+from knots_jax.io import config_args
+from knots_jax.merging import config as config_lib
 
 TASKS = ("snli", "mnli", "sick", "qnli", "rte", "scitail")   # the paper's six NLI tasks
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")    # LoRA targets (documentation)
@@ -99,7 +100,7 @@ def get_config(arg=None):
   config.alignment_cache = ""
   # `auto` shards the merge over all devices (docs/sharding.md).
   config.mesh = "none"
-  config = config_lib.parse_preset(config, preset)
+  config = config_args.parse_preset(config, preset)
   if config.method == "knots_dare_ties":
     given = {item.partition("=")[0] for item in preset.split(",") if item}
     for key, value in _DARE_TIES.items():

@@ -4,7 +4,7 @@ r"""The KnOTS paper's Llama-3-8B NLI setting, evaluated: six SEQ_CLS LoRAs, merg
   knots-jax evaluate --config configs/llama3_8b_nli_eval.py:root=/data/knots,quick
   knots-jax evaluate --config configs/llama3_8b_nli_eval.py:root=/data/knots,methods=knots_ties
 
-or from Python: `knots_jax.evaluation.nli.run_paper_nli(get_config("root=/data/knots"))`.
+or from Python: `knots_jax.experiments.nli.run_paper_nli(get_config("root=/data/knots"))`.
 
 KnOTS (Stoica et al. 2025, arXiv:2410.19735), Llama-3-8B: one rank-16 LoRA
 (q, k, v, o_proj) with a 3-way classification head (PEFT SEQ_CLS,
@@ -27,7 +27,7 @@ Argument after the colon, comma-separated: `root=DIR`, the preset `quick`
 still at the placeholder are refused with the list of fields to set.
 """
 
-from knots_jax.evaluation import nli
+from knots_jax.experiments import nli
 
 
 def get_config(arg: str | None = None):

@@ -8,9 +8,10 @@ Every option, with its default: `knots-jax merge --help`. Presets can also go
 after the file name: `--config configs/merge.py:method=knots_dare_ties,top_k=100`.
 """
 
-from knots_jax import config as config_lib
+from knots_jax.io import config_args
+from knots_jax.merging import config as config_lib
 
 
 def get_config(arg: str | None = None):
   config = config_lib.merge_config()
-  return config_lib.parse_preset(config, arg)
+  return config_args.parse_preset(config, arg)

@@ -5,7 +5,7 @@ r"""The offline benchmark: 8 synthetic image tasks, a small CLIP ViT, 8 LoRA ada
   knots-jax benchmark --config configs/offline_benchmark.py:quick      # tiny, seconds (tests)
   python scripts/train_offline_assets.py                               # remake assets/offline
 
-or from Python: `knots_jax.offline.run_benchmark(get_config())`.
+or from Python: `knots_jax.experiments.offline.run_benchmark(get_config())`.
 
 Presets (the argument after the colon, comma-separated): `train` trains the
 base, heads and adapters into `cache_dir` (reused when its training config
@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from knots_jax import config as config_lib
+from knots_jax.io import config_args
 
 _ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 ALL_TASKS = "digits,shapes,textures,orientation,counting,colours,positions,stripes"
@@ -29,7 +29,7 @@ METHODS = "ta,ties,dare_ties,knots_ties,knots_dare_ties"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                       # data, initialisation, batches, DARE: everything
-  c.tasks = ALL_TASKS              # comma-separated names of knots_jax.offline.tasks.TASKS
+  c.tasks = ALL_TASKS              # comma-separated names of knots_jax.experiments.offline.tasks.TASKS
   c.data = dict(train=2000,        # images per task: LoRA training and the class heads
                 val=200,           # hyper-parameter search (the paper's validation split)
                 test=500)          # reported numbers
@@ -80,4 +80,4 @@ PRESETS = {"quick": _quick, "train": lambda c: setattr(c, "train", True)}
 
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Presets and `key=value` items (dotted keys reach nested fields), comma-separated."""
-  return config_lib.apply_arg(c, arg, presets=PRESETS, source="configs/offline_benchmark.py")
+  return config_args.apply_arg(c, arg, presets=PRESETS, source="configs/offline_benchmark.py")

@@ -4,7 +4,7 @@ r"""The KnOTS paper's ViT-L/14 setting: eight LoRA adapters of CLIP ViT-L/14, me
   knots-jax evaluate --config configs/vit_l14_8tasks.py:root=/data/knots,quick
   knots-jax evaluate --config configs/vit_l14_8tasks.py:root=/data/knots,methods=knots_ties
 
-or from Python: `knots_jax.evaluation.paper.run_paper_vision(get_config("root=/data/knots"))`.
+or from Python: `knots_jax.experiments.paper.run_paper_vision(get_config("root=/data/knots"))`.
 
 KnOTS (Stoica et al. 2025, arXiv:2410.19735), ViT-L/14 results: CLIP ViT-L/14 with one
 rank-16 LoRA (q, k, v, out_proj of the image tower) per task on Cars, DTD,
@@ -27,7 +27,7 @@ field (dotted keys reach nested ones: `datasets.mnist.format=folder`,
 list of fields to set.
 """
 
-from knots_jax.evaluation import paper
+from knots_jax.experiments import paper
 
 MODEL = "clip-vit-large-patch14"    # HF openai/clip-vit-large-patch14, saved locally
 

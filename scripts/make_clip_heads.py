@@ -8,7 +8,7 @@ reads it: evaluation/real_data.py), the mean of CLIP's unit text embeddings of
 a few prompts ("a photo of a {}." and task-specific variants below),
 renormalized: the usual zero-shot classifier. The text tower is that of the
 config's `model_dir` (a full HF `CLIPModel`, read by transformers with torch:
-this is an offline tool). The file is `knots_jax.offline.heads`' format; its
+this is an offline tool). The file is `knots_jax.experiments.offline.heads`' format; its
 logit scale is the model's `exp(logit_scale)` (100 for OpenAI's CLIPs).
 """
 
@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from knots_jax.evaluation import paper, real_data
-from knots_jax.offline import heads as heads_lib
+from knots_jax.experiments import paper, real_data
+from knots_jax.experiments.offline import heads as heads_lib
 
 GENERIC = ("a photo of a {}.", "a good photo of a {}.", "a close-up photo of a {}.")
 TEMPLATES: dict[str, tuple[str, ...]] = {

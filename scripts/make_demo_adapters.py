@@ -16,9 +16,9 @@ import os
 import shutil
 from typing import Callable
 
+import peft
 import torch
 import transformers
-import peft
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                      "assets", "demo"))

@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from knots_jax.offline import assets  # noqa: E402
+from knots_jax.experiments.offline import assets  # noqa: E402
 
 
 def load_config(arg: str | None):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import peft
 import torch
 import transformers
-import peft
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

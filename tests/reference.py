@@ -247,7 +247,7 @@ def knots_tsv(deltas: np.ndarray, scaling: float = 1.0, tol: float = 1e-5) -> np
 
 def lora_factors(adapters) -> dict[str, tuple[list, list]]:
   """{module: ([s_i B_i], [A_i])} of an AdapterSet, unpadded float64 (s_i B_i computed in
-  float64, as knots_jax.stacks holds it for float64 merges)."""
+  float64, as knots_jax.adapters.stacks holds it for float64 merges)."""
   out = {}
   for m in adapters.module_names:
     fs = adapters.factors(m)

@@ -7,7 +7,7 @@ process 0), "cases": [case, ...], "distributed": optional kwargs of
 `sharding.initialize` (coordinator_address, num_processes, process_id),
 optional "ingredients" and "model" (below)}.
 A case: {"name", "layers", "method", "kwargs", optional "big": wider modules,
-optional "align": kwargs of `merging.align` (path, concat, dtype)}.
+optional "align": kwargs of `decompose.align` (path, concat, dtype)}.
 "ingredients": {"dir", "case"}: the case's alignment saved with Orbax by every
 process, restored onto the mesh, merged again: `ingredients/<module>` deltas.
 "model": {"base", "adapters", "dir"}: KnOTS-TIES of the PEFT adapters on the
@@ -46,7 +46,11 @@ def main(config: dict) -> None:
   import jax
   jax.config.update("jax_enable_x64", True)   # as tests/conftest.py (computations stay float32)
   import numpy as np
-  from knots_jax import merging, sharding
+
+  from knots_jax.alignment import decompose
+  from knots_jax.merging import orchestrate
+  from knots_jax.methods import registry
+  from knots_jax.parallel import sharding
 
   sharding.initialize(**config.get("distributed", {}))
   mesh = sharding.make_mesh()
@@ -54,22 +58,22 @@ def main(config: dict) -> None:
                    "local_devices": jax.local_device_count(), "cases": {}}
   for case in config["cases"]:
     adapters = case_adapters(case)
-    method = merging.get_method(case["method"])
+    method = registry.get_method(case["method"])
     start = time.perf_counter()
     if method.knots:
-      alignment = merging.align(adapters, mesh=mesh, **case.get("align", {}))
+      alignment = decompose.align(adapters, mesh=mesh, **case.get("align", {}))
       rep = alignment.aligned[0].rep
       spec = tuple(rep.sharding.spec)
       seen = {"rep_shape": list(rep.shape), "rep_spec": str(rep.sharding.spec),
               "rep_axes": [spec[i] if i < len(spec) else None for i in range(rep.ndim)],
               "rep_devices": len(rep.sharding.device_set)}
-      result = merging.merge(alignment, case["method"], **case["kwargs"])
+      result = orchestrate.merge(alignment, case["method"], **case["kwargs"])
     else:
       seen = {}
-      result = merging.merge(adapters, case["method"], mesh=mesh, **case["kwargs"])
+      result = orchestrate.merge(adapters, case["method"], mesh=mesh, **case["kwargs"])
     first = time.perf_counter() - start
     start = time.perf_counter()
-    again = merging.merge(alignment if method.knots else adapters, case["method"], mesh=mesh,
+    again = orchestrate.merge(alignment if method.knots else adapters, case["method"], mesh=mesh,
                           **case["kwargs"])
     for s in again.stacks:
       jax.block_until_ready(s.delta if s.delta is not None else s.a)
@@ -102,14 +106,15 @@ def main(config: dict) -> None:
 
 def _ingredients_round_trip(directory, alignment, case, mesh, info) -> dict:
   """Every process saves the alignment, restores it onto the mesh, merges again."""
-  from knots_jax import ingredients, merging
-  ingredients.save_alignment(alignment, directory)
-  restored = ingredients.restore_alignment(directory, mesh=mesh)
+  from knots_jax.alignment import cache
+  from knots_jax.merging import orchestrate
+  cache.save_alignment(alignment, directory)
+  restored = cache.restore_alignment(directory, mesh=mesh)
   rep = restored.aligned[0].rep
   info["ingredients"] = {"rep_shape": list(rep.shape), "rep_spec": str(rep.sharding.spec),
                          "rep_local_shards": len(rep.addressable_shards),
                          "rep_fully_addressable": rep.is_fully_addressable}
-  result = merging.merge(restored, case["method"], **case["kwargs"])
+  result = orchestrate.merge(restored, case["method"], **case["kwargs"])
   return {f"ingredients/{m}": d for m, d in result.deltas()}
 
 
@@ -117,14 +122,15 @@ def _model_round_trip(model, mesh, info) -> dict:
   """The full merged model through Orbax on every process (save, restore onto the mesh),
   and as HF safetensors shards."""
   import knots_jax
-  from knots_jax import backbone, model_checkpoint, sharding
+  from knots_jax.export import full_model, orbax_model
+  from knots_jax.parallel import sharding
   result = knots_jax.merge(knots_jax.load_adapters(model["adapters"]), "knots_ties", top_k=30,
                            mesh=mesh)
-  model_checkpoint.save_merged_model_orbax(result, model["base"], model["dir"], mesh=mesh)
+  orbax_model.save_merged_model_orbax(result, model["base"], model["dir"], mesh=mesh)
   # HF safetensors too: every process computes the merged tensors, process 0 writes
-  backbone.save_merged_model(result, model["base"], model["dir"] + "_safetensors",
+  full_model.save_merged_model(result, model["base"], model["dir"] + "_safetensors",
                              max_shard_size="20KB", mesh=mesh)
-  restored = model_checkpoint.restore_merged_model(model["dir"], mesh=mesh)
+  restored = orbax_model.restore_merged_model(model["dir"], mesh=mesh)
   info["model"] = {key: {"spec": str(v.sharding.spec), "local_shards": len(v.addressable_shards),
                          "fully_addressable": v.is_fully_addressable}
                    for key, v in restored.items()}

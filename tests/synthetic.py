@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knots_jax.adapters import Adapter, AdapterSet, LoraFactors
+from knots_jax.adapters.peft_files import Adapter, AdapterSet, LoraFactors
 
 # A two-layer model with two module shapes (like q_proj and k_proj of a GQA model).
 SHAPES = {**{f"model.layers.{l}.self_attn.q_proj": (12, 10) for l in range(2)},

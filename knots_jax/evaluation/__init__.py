@@ -7,16 +7,46 @@ See docs/evaluation.md.
 """
 
 from knots_jax.evaluation.ablations import (
-    alignments_by_concat, mean_interval, number_of_tasks, read_csv, select_adapters, summarize,
-    sweep, task_subsets, write_csv, write_json)
+    alignments_by_concat,
+    mean_interval,
+    number_of_tasks,
+    read_csv,
+    select_adapters,
+    summarize,
+    sweep,
+    task_subsets,
+    write_csv,
+    write_json,
+)
 from knots_jax.evaluation.cka import (
-    CKAReport, linear_cka, mean_off_diagonal, pairwise_cka, task_update_cka)
+    CKAReport,
+    linear_cka,
+    mean_off_diagonal,
+    pairwise_cka,
+    task_update_cka,
+)
 from knots_jax.evaluation.metrics import (
-    JointScores, TaskScores, accuracy, average_normalized_accuracy, ensemble_accuracy,
-    ensemble_predictions, ensemble_union_scores, hits_at_k, joint_hits, normalize_label_name,
-    normalized_accuracy, ranks, union_labels)
+    JointScores,
+    TaskScores,
+    accuracy,
+    average_normalized_accuracy,
+    ensemble_accuracy,
+    ensemble_predictions,
+    ensemble_union_scores,
+    hits_at_k,
+    joint_hits,
+    normalize_label_name,
+    normalized_accuracy,
+    ranks,
+    union_labels,
+)
 from knots_jax.evaluation.search import (
-    SearchResult, Trial, linear_search, rescale, searched_parameter)
+    SearchResult,
+    Trial,
+    linear_search,
+    rescale,
+    searched_parameter,
+)
 
 __all__ = [
     "CKAReport", "JointScores", "SearchResult", "TaskScores", "Trial", "accuracy",

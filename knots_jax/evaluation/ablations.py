@@ -32,8 +32,8 @@ import numpy as np
 import scipy.stats
 import tqdm
 
-from knots_jax import merging
-from knots_jax.adapters import AdapterSet
+from knots_jax.adapters.peft_files import AdapterSet
+from knots_jax.alignment import decompose
 
 Score = float | Mapping[str, float]
 V = TypeVar("V")
@@ -228,7 +228,7 @@ def sweep(
 
 
 def alignments_by_concat(adapters: AdapterSet, concats: Sequence[str] = ("columns", "rows"),
-                         **align_kwargs) -> dict[str, merging.Alignment]:
+                         **align_kwargs) -> dict[str, decompose.Alignment]:
   """{"columns": align(..., concat="columns"), "rows": ...}: the concatenation ablation.
 
   Each alignment is computed once; pass the dict to `sweep` with a callback
@@ -236,7 +236,7 @@ def alignments_by_concat(adapters: AdapterSet, concats: Sequence[str] = ("column
   """
   if "concat" in align_kwargs:
     raise ValueError("pass the concatenations as concats=(...), not concat=")
-  return {c: merging.align(adapters, concat=c, **align_kwargs) for c in concats}
+  return {c: decompose.align(adapters, concat=c, **align_kwargs) for c in concats}
 
 
 # ------------------------------------------------------------------ writers

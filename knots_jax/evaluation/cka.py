@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from knots_jax import merging
+from knots_jax.alignment import decompose
 
 ArrayLike = np.ndarray | Sequence[Sequence[float]]
 AFTER = ("v", "sv")
@@ -158,7 +158,7 @@ def aligned_activations(x: ArrayLike, s: np.ndarray, rep: np.ndarray, valid: np.
 
 
 def task_update_cka(
-    alignment: merging.Alignment,
+    alignment: decompose.Alignment,
     inputs: Mapping[str, ArrayLike],
     *,
     after: str = "v",

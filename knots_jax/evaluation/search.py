@@ -46,9 +46,11 @@ from typing import Callable, Mapping, Sequence
 
 import tqdm
 
-from knots_jax import merging
-from knots_jax.adapters import AdapterSet
-from knots_jax.result import MergedStack, MergeResult
+from knots_jax.adapters.peft_files import AdapterSet
+from knots_jax.alignment import decompose
+from knots_jax.merging import orchestrate
+from knots_jax.merging.result import MergedStack, MergeResult
+from knots_jax.methods import registry
 
 SCALINGS = tuple(round(0.1 * i, 1) for i in range(1, 11))          # 0.1 ... 1.0
 TOP_KS = tuple(float(k) for k in range(10, 101, 10))               # 10 ... 100 (%)
@@ -58,7 +60,7 @@ DEFAULT_TOP_K = 30.0       # TIES-like, during the alpha stage
 DEFAULT_DROP_RATE = 0.9    # DARE-like, during the alpha stage
 DARE_TIES_TOP_K = 100.0    # DARE-TIES keeps top-K fixed (the paper's KnOTS-DARE-TIES)
 
-# Keyword arguments of `merging.align`, used when an AdapterSet is passed.
+# Keyword arguments of `decompose.align`, used when an AdapterSet is passed.
 _ALIGN_KEYS = ("path", "concat", "tol", "dtype", "mesh")
 _OWN_KEYS = ("method", "scaling", "top_k", "drop_rate", "seed")
 
@@ -67,7 +69,7 @@ Evaluate = Callable[[MergeResult, str], float]
 
 def searched_parameter(method: str) -> str | None:
   """The hyper-parameter searched after alpha: "top_k", "drop_rate" or None."""
-  spec = merging.get_method(method)
+  spec = registry.get_method(method)
   if spec.dare:
     return "drop_rate"
   if spec.combine == "ties":
@@ -78,7 +80,7 @@ def searched_parameter(method: str) -> str | None:
 def is_homogeneous(method: str) -> bool:
   """True if the merged update is exactly alpha times the alpha = 1 merge
   (`Method.homogeneous`: every method but direct_merge and mm_noise)."""
-  return merging.get_method(method).homogeneous
+  return registry.get_method(method).homogeneous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,22 +164,22 @@ def _positive(values: Sequence[float], name: str) -> tuple[float, ...]:
   return values
 
 
-def _prepare(alignment: merging.Alignment | AdapterSet, method: str, align_kwargs: dict,
-             progress: bool) -> merging.Alignment:
+def _prepare(alignment: decompose.Alignment | AdapterSet, method: str, align_kwargs: dict,
+             progress: bool) -> decompose.Alignment:
   """The alignment every merge of the search reuses (aligned at most once, here)."""
-  spec = merging.get_method(method)
+  spec = registry.get_method(method)
   if isinstance(alignment, AdapterSet):
     if spec.knots:
-      return merging.align(alignment, progress=progress, **align_kwargs)
-    return merging.factor_alignment(alignment)
-  if not isinstance(alignment, merging.Alignment):
+      return decompose.align(alignment, progress=progress, **align_kwargs)
+    return decompose.factor_alignment(alignment)
+  if not isinstance(alignment, decompose.Alignment):
     raise ValueError(f"alignment must be a knots_jax Alignment or AdapterSet, got "
                      f"{type(alignment).__name__}")
   if align_kwargs:
     raise ValueError(f"{sorted(align_kwargs)} only apply when aligning an AdapterSet; this "
                      f"Alignment was made with {dict(alignment.settings)}")
   if spec.knots and not alignment.aligned:
-    return merging.align(alignment.adapters, progress=progress)
+    return decompose.align(alignment.adapters, progress=progress)
   return alignment
 
 
@@ -194,7 +196,7 @@ def _score(evaluate: Evaluate, result: MergeResult, split: str, settings: dict) 
 
 
 def linear_search(
-    alignment: merging.Alignment | AdapterSet,
+    alignment: decompose.Alignment | AdapterSet,
     method: str,
     evaluate: Evaluate,
     *,
@@ -238,7 +240,7 @@ def linear_search(
       raise ValueError(f"`{key}` is set by the search; pass {hint} to linear_search itself")
   if not callable(evaluate):
     raise ValueError("evaluate must be a callable evaluate(result, split) -> float")
-  spec = merging.get_method(method)
+  spec = registry.get_method(method)
   second = searched_parameter(method)
   scalings = _grid(scalings, "scalings", -math.inf, None, True)
   if top_k is None:
@@ -264,7 +266,7 @@ def linear_search(
   def run_merge(scaling: float, k: float, p: float) -> MergeResult:
     nonlocal merges
     merges += 1
-    return merging.merge(alignment, method, scaling=scaling, top_k=k, drop_rate=p, seed=seed,
+    return orchestrate.merge(alignment, method, scaling=scaling, top_k=k, drop_rate=p, seed=seed,
                          **merge_kwargs)
 
   trials: list[Trial] = []

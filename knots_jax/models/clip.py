@@ -31,9 +31,10 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh
 
-from knots_jax import checkpoint, outputs, sharding
+from knots_jax.io import hf_checkpoint, output_dir
 from knots_jax.models import lora
 from knots_jax.models import weights as weights_lib
+from knots_jax.parallel import sharding
 
 # HF ACT2FN names -> functions; "gelu" is the exact (erf) GELU, the others tanh's.
 ACTIVATIONS = {
@@ -255,10 +256,10 @@ def from_pretrained(model_dir: str, *, dtype=jnp.float32,
     dtype: the parameter and compute dtype (weights are cast to it).
     weights: instead of the checkpoint's tensors, a {key: array} mapping or a
       (key, array) iterator with the same HF key names, e.g.
-      `backbone.merged_model_weights(result, model_dir)` for a merged model.
+      `full_model.merged_model_weights(result, model_dir)` for a merged model.
       Keys the model does not use (text tower, logit_scale) are skipped.
     mesh: a `sharding.make_mesh()` mesh: every parameter is placed with
-      `backbone.weight_sharding` (rows over the mesh when they divide its size,
+      `sharding.weight_sharding` (rows over the mesh when they divide its size,
       else replicated).
 
   Raises:
@@ -290,16 +291,16 @@ def save_pretrained(model: CLIPVisionModelWithProjection, out_dir: str, *,
   """Writes config.json + model.safetensors that
   `transformers.CLIPVisionModelWithProjection.from_pretrained` loads.
 
-  Written atomically (`outputs.atomic_output_dir`): a failure leaves no
+  Written atomically (`output_dir.atomic_output_dir`): a failure leaves no
   `out_dir`. On several processes every process must call it; process 0 writes.
   """
   tensors = hf_tensors(model)
   if jax.process_index() != 0:
     return
   dtype = str(next(iter(tensors.values())).dtype)
-  with outputs.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-    safetensors.numpy.save_file(tensors, os.path.join(tmp, checkpoint.SINGLE), metadata=_METADATA)
-    outputs.write_json(os.path.join(tmp, "config.json"), {**model.config.to_hf(), "dtype": dtype})
+  with output_dir.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, hf_checkpoint.SINGLE), metadata=_METADATA)
+    output_dir.write_json(os.path.join(tmp, "config.json"), {**model.config.to_hf(), "dtype": dtype})
 
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionModelWithProjection", "from_pretrained", "hf_tensors",

@@ -5,7 +5,7 @@ family: Llama 2 / 3 / 3.1 / 3.2, TinyLlama, ...) for evaluating merged LoRA
 adapters in JAX, without torch:
 
 * the base model is read from a HF safetensors checkpoint (one file or sharded
-  with `model.safetensors.index.json`) with `backbone.read_backbone`;
+  with `model.safetensors.index.json`) with `hf_checkpoint.read_backbone`;
 * a merged model is the same model loaded from merged weights,
   `from_pretrained(base_dir, weights=backbone.merged_model_weights(result, base_dir))`;
 * a fine-tuned baseline is the base with one PEFT adapter attached
@@ -511,10 +511,10 @@ def from_pretrained(model_dir: str, *, task: str = "causal_lm", dtype=jnp.float3
       checkpoints load as they are with `jnp.bfloat16`).
     weights: instead of the checkpoint's tensors, a {key: array} mapping or a
       (key, array) iterator with HF key names, e.g.
-      `backbone.merged_model_weights(result, model_dir)` for a merged model; keys
+      `full_model.merged_model_weights(result, model_dir)` for a merged model; keys
       the model does not use are skipped, a repeated key keeps its last value.
     mesh: a `sharding.make_mesh()` mesh: every weight is placed with
-      `backbone.weight_sharding` (HF rows over the mesh when they divide its
+      `sharding.weight_sharding` (HF rows over the mesh when they divide its
       size, else replicated); from files each device's block is read by itself.
 
   The model is built abstractly (`nnx.eval_shape`) and filled tensor by

@@ -7,7 +7,7 @@ ties together the three ways a model meets a merge:
 
 * weights: `load_weights` reads `<hf_name>.weight` (out x in, PyTorch layout)
   and `<hf_name>.bias` from a flat {key: array} dict, e.g. the output of
-  `checkpoint.read_tensors` or `backbone.merged_model_weights` (a merged
+  `hf_checkpoint.read_tensors` or `full_model.merged_model_weights` (a merged
   model is simply loaded with its merged weights);
 * unmerged adapters: `attach_adapter(model, adapter)` puts each module's LoRA
   factors on the layer of that name, so that
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from knots_jax.adapters import Adapter, AdapterError
+from knots_jax.adapters.peft_files import Adapter, AdapterError
 from knots_jax.models import weights as weights_lib
 
 

@@ -8,13 +8,13 @@ model is built abstractly (`nnx.eval_shape`, no random weights allocated) and
 * from a HF checkpoint directory (one safetensors file or a sharded index):
   every shape is checked against the safetensors headers first, so an error
   names the shard file and the key; the tensors are read with
-  `backbone.read_backbone` (with a mesh, each device reads its own rows);
+  `hf_checkpoint.read_backbone` (with a mesh, each device reads its own rows);
 * or from `weights=`, a {key: array} mapping or a (key, array) iterator, e.g.
-  `backbone.merged_model_weights(result, model_dir)` for a merged model.
+  `full_model.merged_model_weights(result, model_dir)` for a merged model.
 
 Keys the model does not use are skipped (a full CLIPModel's text tower, rotary
 caches); each tensor is cast to `dtype` and, with a mesh, placed with
-`backbone.weight_sharding`.
+`sharding.weight_sharding`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from knots_jax import backbone, checkpoint, sharding
+from knots_jax.io import hf_checkpoint
+from knots_jax.parallel import sharding as sharding_lib
 
 Targets = Mapping[str, tuple[nnx.Variable, bool]]     # HF key -> (variable, transposed)
 Weights = Mapping[str, object] | Iterable[tuple[str, object]]   # HF key -> array
@@ -56,13 +57,13 @@ def _on_mesh(value, mesh: Mesh) -> bool:
 
 def place(value, dtype, mesh: Mesh | None) -> jax.Array:
   """`value` as a jax Array of `dtype`; with a mesh, rows over it
-  (`backbone.weight_sharding`) unless it already lies on that mesh."""
+  (`sharding.weight_sharding`) unless it already lies on that mesh."""
   if mesh is None:
     return jnp.asarray(value, dtype)
   if _on_mesh(value, mesh):
     return value.astype(dtype)
-  host = np.asarray(sharding.to_host(value), dtype)
-  return jax.make_array_from_callback(host.shape, backbone.weight_sharding(mesh, host.shape),
+  host = np.asarray(sharding_lib.to_host(value), dtype)
+  return jax.make_array_from_callback(host.shape, sharding_lib.weight_sharding(mesh, host.shape),
                                       lambda idx: host[idx])
 
 
@@ -83,7 +84,7 @@ def load_pretrained(build: Callable[[], M], targets_of: Callable[[M], Targets], 
       the source in errors either way).
     dtype: every tensor is cast to it.
     weights: HF-named tensors used instead of the checkpoint's.
-    mesh: place every weight with `backbone.weight_sharding` over it.
+    mesh: place every weight with `sharding.weight_sharding` over it.
     hint: extra text for the missing-tensor error, given the missing keys.
 
   Raises:
@@ -93,15 +94,15 @@ def load_pretrained(build: Callable[[], M], targets_of: Callable[[M], Targets], 
   model = nnx.eval_shape(build)
   targets = targets_of(model)
   if weights is None:
-    files = checkpoint.tensor_files(model_dir)
-    index = os.path.join(model_dir, checkpoint.INDEX)
-    source = index if os.path.isfile(index) else os.path.join(model_dir, checkpoint.SINGLE)
+    files = hf_checkpoint.tensor_files(model_dir)
+    index = os.path.join(model_dir, hf_checkpoint.INDEX)
+    source = index if os.path.isfile(index) else os.path.join(model_dir, hf_checkpoint.SINGLE)
     missing = sorted(k for k in targets if k not in files)
     if missing:
       raise missing_error(source, missing, hint(missing))
-    check_shapes(targets, checkpoint.weight_shapes(model_dir),
+    check_shapes(targets, hf_checkpoint.weight_shapes(model_dir),
                  lambda key: files[key])
-    tensors = backbone.read_backbone(model_dir, keys=list(targets), mesh=mesh, dtype=dtype)
+    tensors = hf_checkpoint.read_backbone(model_dir, keys=list(targets), mesh=mesh, dtype=dtype)
   else:
     source = f"weights given for `{model_dir}`"
     items = weights.items() if isinstance(weights, Mapping) else weights
@@ -132,7 +133,7 @@ def replace_weights(targets: Targets, weights: Weights, source: str = "weights")
     var, transposed = targets[key]
     check_shapes({key: targets[key]}, {key: tuple(np.shape(value))}, lambda k: source)
     old = var.get_value()
-    host = np.asarray(sharding.to_host(value), old.dtype)
+    host = np.asarray(sharding_lib.to_host(value), old.dtype)
     host = host.T if transposed else host
     tensors[key] = jax.make_array_from_callback(host.shape, old.sharding,
                                                 lambda idx, h=host: h[idx])

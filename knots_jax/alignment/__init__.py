@@ -1,0 +1,13 @@
+"""Factor stacks → a merge space.
+
+* `knots_svd`: KnOTS' joint SVD of one stack, from the factors (QR + the SVD of
+  a small matrix; exact) or from the dense updates (the reference).
+* `decompose`: `align`, the joint decomposition of every stack (`Alignment`).
+* `core_space`: the Core Space basis and each task's core matrix.
+* `cache`: an `Alignment` saved with Orbax and restored onto any mesh.
+"""
+
+from knots_jax.alignment.decompose import Alignment, align, compute_dtype
+from knots_jax.alignment.knots_svd import AlignedStack
+
+__all__ = ["AlignedStack", "Alignment", "align", "compute_dtype"]

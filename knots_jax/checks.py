@@ -1,0 +1,144 @@
+"""Validators for values a user passes: config fields, flags, adapter_config.json entries.
+
+Each validator takes a value and returns it normalised (an int as int, a number
+as float) or raises `ValueError` saying what was expected and what was given;
+the caller names the option and where it came from (`named`). Every range check
+of the package is one of these, so each exists once. Nothing here imports JAX.
+
+  >>> fraction(0.5)
+  0.5
+  >>> named("top_k", number, "nan")
+  Traceback (most recent call last):
+  ValueError: top_k must be a finite number, got 'nan'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Iterable
+
+Check = Callable[[object], object]
+
+SEED_LIMIT = 2**32   # jax.random.key takes a 32-bit seed: larger ones would wrap around
+
+
+def named(name: str, check: Check, value: object) -> object:
+  """`check(value)`, with `name` in front of the message when it fails."""
+  try:
+    return check(value)
+  except ValueError as e:
+    raise ValueError(f"{name} {e}") from None
+
+
+def number(value: object) -> float:
+  """A finite real number (not a bool, not NaN or ±inf)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"must be a finite number, got {value!r}")
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"must be a finite number, got {value!r}")
+  return value
+
+
+def integer(value: object) -> int:
+  """An int (not a bool; a float only if it is integral, e.g. 16.0 from JSON)."""
+  if isinstance(value, bool):
+    raise ValueError(f"must be an integer, got {value!r}")
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    return int(value)
+  raise ValueError(f"must be an integer, got {value!r}")
+
+
+def non_negative_int(value: object) -> int:
+  value = integer(value)
+  if value < 0:
+    raise ValueError(f"must be a non-negative integer, got {value}")
+  return value
+
+
+def positive_int(value: object) -> int:
+  value = integer(value)
+  if value < 1:
+    raise ValueError(f"must be a positive integer, got {value}")
+  return value
+
+
+def seed(value: object) -> int:
+  """A random seed: an integer in [0, 2**32)."""
+  value = integer(value)
+  if not 0 <= value < SEED_LIMIT:
+    raise ValueError(f"must be an integer in [0, 2**32), got {value}")
+  return value
+
+
+def interval(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+  """A finite number in [lo, hi] (either end open)."""
+  text = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+  def check(value: object) -> float:
+    value = number(value)
+    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+      raise ValueError(f"must be in {text}, got {value:g}")
+    return value
+  return check
+
+
+fraction = interval(0.0, 1.0)
+
+
+def positive(value: object) -> float:
+  """A finite number > 0."""
+  value = number(value)
+  if value <= 0:
+    raise ValueError(f"must be a positive finite number, got {value:g}")
+  return value
+
+
+def at_most(limit: float) -> Check:
+  """A finite number in [0, limit]."""
+  def check(value: object) -> float:
+    value = number(value)
+    if not 0 <= value <= limit:
+      raise ValueError(f"must be in [0, {limit:g}], got {value:g}")
+    return value
+  return check
+
+
+def one_of(choices: Iterable[str]) -> Check:
+  """One of `choices` (strings)."""
+  choices = tuple(choices)
+
+  def check(value: object) -> str:
+    if not isinstance(value, str) or value not in choices:
+      raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+  return check
+
+
+def boolean(value: object) -> bool:
+  if not isinstance(value, bool):
+    raise ValueError(f"must be true or false, got {value!r}")
+  return value
+
+
+def text(value: object) -> str:
+  if not isinstance(value, str):
+    raise ValueError(f"must be a string, got {value!r}")
+  return value
+
+
+def strings(value: object) -> tuple[str, ...]:
+  """A tuple of strings, from a sequence of strings or one comma-separated string."""
+  if isinstance(value, str):
+    return split_list(value)
+  if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    return tuple(v.strip() for v in value if v.strip())
+  raise ValueError(f"must be a list of strings (or one comma-separated string), got {value!r}")
+
+
+def split_list(value: str) -> tuple[str, ...]:
+  """`"a, b,,c"` -> `("a", "b", "c")`: the one parser of comma-separated lists."""
+  return tuple(v.strip() for v in value.split(",") if v.strip())

@@ -1,0 +1,129 @@
+"""SVD-based merging methods beside KnOTS, computed from LoRA factors where exact.
+
+Per-module functions take one module's per-task factors `b` [n, out, r] (PEFT
+scale folded in, ranks zero-padded) and `a` [n, r, in], or dense task updates
+`delta` [n, out, in]; the `*_stack` helpers vmap them over the stack axis L
+under `jax.jit`. Merged updates come back as LoRA factors (`b_m @ a_m`) with no
+dense out x in matrix, or as dense matrices for the `*_dense` references.
+
+* "LoRA Merging with SVD: Understanding Interference and Preserving
+  Performance" (Tang et al., ICML 2025 workshop R2-FM): direct merge (DM),
+  multiplied merge (MM), the DM cross term, MM + Gaussian noise of the cross
+  term's norm, SVD_r(MM), the bound ||L_MM - SVD_r(L_MM)||_F <= ||L_DM - L_MM||_F,
+  and linear-mode-connectivity helpers (`interpolation_path`, `lmc_barrier`).
+* Iso-C / Iso-CTS ("No Task Left Behind", Marczak et al., arXiv:2502.04959):
+  flat spectrum on the task-arithmetic sum (Iso-C), on common + task-specific
+  directions (Iso-CTS).
+* TSV-M ("Task Singular Vectors", Gargiulo et al., CVPR 2025, arXiv:2412.00081):
+  per-task truncation, whitening of the concatenated singular vectors (polar factor).
+* SFTM ("Superpose Singular Features for Model Merging", Qiu et al.,
+  arXiv:2502.10698): coefficients from the linear system (Sigma o U o V) alpha = sigma.
+
+Singular components of a zero-padded (or rank-deficient) update have arbitrary
+singular vectors; every method here zeroes the components whose singular value
+is <= `rtol` times the module's largest one, so results do not depend on them
+and the factor and dense paths agree. Every LAPACK call of one program depends
+on the previous one (see docs/design.md on the jaxlib 0.10 CPU deadlock); the
+two polar factors of TSV-M and Iso-CTS share one batched SVD.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from knots_jax.merging.result import MergedStack, MergeResult
+
+
+def _check_ts(ts, name: str = "ts") -> np.ndarray:
+  ts = np.asarray(ts, np.float64)
+  if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
+    raise ValueError(f"{name} must be a non-empty 1-D sequence of finite numbers; got {ts!r}")
+  return ts
+
+
+def _stacks_by_modules(result: MergeResult) -> dict[tuple[str, ...], MergedStack]:
+  return {s.modules: s for s in result.stacks}
+
+
+def _update_shape(s: MergedStack) -> tuple[int, ...]:
+  """(L, out, in) of a merged stack, factored or dense."""
+  if s.is_factored:
+    return tuple(s.b.shape[:-1]) + (s.a.shape[-1],)
+  return tuple(s.delta.shape)
+
+
+def _interpolate_stack(sa: MergedStack, sb: MergedStack, t: float) -> MergedStack:
+  """(1 - t) * update_a + t * update_b; exact factors [b_a, b_b], [(1-t) a_a; t a_b]."""
+  if sa.is_factored and sb.is_factored:
+    return MergedStack(sa.modules, b=jnp.concatenate([sa.b, sb.b], axis=-1),
+                       a=jnp.concatenate([(1 - t) * sa.a, t * sb.a], axis=-2))
+  dense_a = sa.delta if sa.delta is not None else jnp.matmul(sa.b, sa.a)
+  dense_b = sb.delta if sb.delta is not None else jnp.matmul(sb.b, sb.a)
+  return MergedStack(sa.modules, delta=(1 - t) * dense_a + t * dense_b)
+
+
+def interpolation_path(result_a: MergeResult, result_b: MergeResult,
+                       ts: Sequence[float]) -> list[MergeResult]:
+  """Merges along the line theta(t) = (1 - t) theta_a + t theta_b, one per t.
+
+  With theta = W + Delta, theta(t) = W + (1 - t) Delta_a + t Delta_b, so only
+  the updates are interpolated: exactly as LoRA factors (rank k_a + k_b) when
+  both results are factored, densely otherwise. `extra` tensors
+  (modules_to_save) are interpolated the same way. Evaluate each result and
+  pass the scores to `lmc_barrier` ("LoRA Merging with SVD" uses this to show
+  MM is linearly mode-connected to the task models).
+  """
+  ts = _check_ts(ts)
+  by_a, by_b = _stacks_by_modules(result_a), _stacks_by_modules(result_b)
+  if set(by_a) != set(by_b):
+    mods_a = {m for s in result_a.stacks for m in s.modules}
+    mods_b = {m for s in result_b.stacks for m in s.modules}
+    raise ValueError(
+        "interpolation_path: the two merges do not cover the same stacks of modules "
+        f"(only in a: {sorted(mods_a - mods_b)[:5]}, only in b: {sorted(mods_b - mods_a)[:5]}; "
+        "merge the same adapters)")
+  for stack, sa in by_a.items():
+    if _update_shape(sa) != _update_shape(by_b[stack]):
+      raise ValueError(f"interpolation_path: the updates of `{stack[0]}` ... have shapes "
+                       f"{_update_shape(sa)} and {_update_shape(by_b[stack])}")
+  if set(result_a.extra) != set(result_b.extra):
+    raise ValueError(f"interpolation_path: modules_to_save tensors differ: "
+                     f"{sorted(result_a.extra)} vs {sorted(result_b.extra)}")
+  path = []
+  for t in ts.tolist():
+    stacks = tuple(_interpolate_stack(sa, by_b[m], t) for m, sa in by_a.items())
+    extra = {k: (1 - t) * np.asarray(v) + t * np.asarray(result_b.extra[k])
+             for k, v in result_a.extra.items()}
+    settings = {"method": f"interpolation({result_a.method}, {result_b.method})", "t": t,
+                "a": dict(result_a.settings), "b": dict(result_b.settings)}
+    path.append(MergeResult(stacks=stacks, peft_config=dict(result_a.peft_config),
+                            method=settings["method"], settings=settings, extra=extra))
+  return path
+
+
+def lmc_barrier(ts: Sequence[float], scores: Sequence[float],
+                higher_is_better: bool = True) -> float:
+  """Height of the barrier on a linear path: the largest drop below the straight line.
+
+  With s(t) the score of theta(t) (`interpolation_path`) and the line between
+  the end points, (1 - t) s(0) + t s(1):
+  `max_t [(1 - t) s(0) + t s(1) - s(t)]` for scores where higher is better
+  (accuracy), `max_t [s(t) - (1 - t) s(0) - t s(1)]` for losses; the
+  definition of Entezari et al. (ICLR 2022, arXiv:2110.06296). 0 at t = 0 and
+  t = 1, so the barrier is >= 0; ~0 means linearly mode-connected. `ts` must
+  hold 0 and 1 (in any order).
+  """
+  ts = _check_ts(ts)
+  scores = np.asarray(scores, np.float64)
+  if scores.shape != ts.shape or not np.all(np.isfinite(scores)):
+    raise ValueError(f"lmc_barrier: need one finite score per t ({ts.size}); got {scores!r}")
+  if len(np.unique(ts)) != ts.size:
+    raise ValueError(f"lmc_barrier: ts must be distinct; got {ts.tolist()}")
+  if not (np.any(ts == 0.0) and np.any(ts == 1.0)):
+    raise ValueError(f"lmc_barrier: ts must contain the end points 0 and 1; got {ts.tolist()}")
+  s0, s1 = scores[ts == 0.0][0], scores[ts == 1.0][0]
+  gap = (1 - ts) * s0 + ts * s1 - scores
+  return float(np.max(gap if higher_is_better else -gap))

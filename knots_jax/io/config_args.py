@@ -1,0 +1,68 @@
+"""The options of `knots-jax merge`: defaults and help in one table.
+
+Config files under `configs/` start from `merge_config()` and change what they
+need; `knots-jax merge --help` prints this table, so every option is explained
+in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import ml_collections
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None, *,
+              presets: Mapping[str, Callable[[ml_collections.ConfigDict], object]] | None = None,
+              source: str = "config") -> ml_collections.ConfigDict:
+  """Applies a config file's argument (`configs/x.py:<arg>`) in place and returns `config`.
+
+  `arg` is comma-separated: preset names (`presets`, applied in order) and
+  `key=value` items, where dotted keys reach nested sections
+  (`lora.steps=200`) and values take the type of the field they replace. A
+  bare word that is not a preset continues the previous value, so lists need
+  no quoting: `adapters=a/,b/,c/`, `tasks=mnist,svhn,quick`.
+
+  Raises:
+    ValueError naming `source` and the unknown preset, section or field (with
+    the valid names).
+  """
+  presets = presets or {}
+  items: list[str] = []
+  for item in [i.strip() for i in (arg or "").split(",") if i.strip()]:
+    if "=" not in item and item not in presets and items and "=" in items[-1]:
+      items[-1] += "," + item
+    else:
+      items.append(item)
+  for item in items:
+    if "=" not in item:
+      if item not in presets:
+        valid = f"valid presets: {', '.join(presets)} (or key=value)" if presets else (
+            "expected key=value")
+        raise ValueError(f"{source}: unknown preset `{item}`; {valid}")
+      presets[item](config)
+      continue
+    key, value = item.split("=", 1)
+    *path, last = key.strip().split(".")
+    node = config
+    for part in path:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ValueError(f"{source}: no config section `{part}` in `{key}`")
+      node = node[part]
+    if last not in node:
+      raise ValueError(f"{source}: unknown field `{key}`; fields here: {', '.join(node.keys())}")
+    current = node[last]
+    if isinstance(current, bool):
+      node[last] = value.strip().lower() in ("1", "true", "yes")
+    else:
+      node[last] = type(current)(value)
+  return config
+
+
+def parse_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `key=value,key=value` from a merge config's argument (`configs/x.py:key=value`)."""
+  return apply_arg(config, arg, source="config argument")
+
+
+def split_list(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]

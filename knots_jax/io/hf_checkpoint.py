@@ -1,0 +1,134 @@
+"""Hugging Face backbones on disk: `model.safetensors` or a sharded checkpoint.
+
+Only headers and the requested tensors are read (`safetensors.safe_open`), so a
+large backbone is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+from jax.sharding import Mesh
+
+from knots_jax.io import safetensors_slots
+from knots_jax.parallel.sharding import weight_sharding
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def tensor_files(model_dir: str) -> dict[str, str]:
+  """{tensor key: safetensors file} of a model directory."""
+  index = os.path.join(model_dir, INDEX)
+  single = os.path.join(model_dir, SINGLE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+  if os.path.isfile(single):
+    with safetensors.safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise FileNotFoundError(
+      f"`{model_dir}` is not a Hugging Face safetensors model: neither {SINGLE} nor {INDEX} "
+      "found (pickled .bin backbones are not supported; re-save with safe_serialization=True)")
+
+
+def keys_by_file(model_dir: str, keys: Iterable[str] | None = None) -> dict[str, list[str]]:
+  """{safetensors file: its keys among `keys` (default: all)}; KeyError for missing keys."""
+  files = tensor_files(model_dir)
+  keys = list(files) if keys is None else list(keys)
+  missing = [k for k in keys if k not in files]
+  if missing:
+    raise KeyError(f"`{model_dir}` has no tensor {missing[0]!r}"
+                   f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}")
+  by_file: dict[str, list[str]] = {}
+  for key in keys:
+    by_file.setdefault(files[key], []).append(key)
+  return by_file
+
+
+def weight_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
+  """{tensor key: shape} from the safetensors headers only."""
+  shapes = {}
+  for path, keys in keys_by_file(model_dir).items():
+    with safetensors.safe_open(path, framework="numpy") as f:
+      for key in keys:
+        shapes[key] = tuple(f.get_slice(key).get_shape())
+  return shapes
+
+
+def read_tensors(model_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+  """Reads only `keys` (in their stored dtype; bf16 as ml_dtypes.bfloat16)."""
+  out = {}
+  for path, file_keys in keys_by_file(model_dir, keys).items():
+    with safetensors.safe_open(path, framework="numpy") as f:
+      for key in file_keys:
+        out[key] = f.get_tensor(key)
+  return out
+
+
+def header(model_dir: str, keys: Iterable[str] | None = None):
+  """{key: (file, shape, numpy dtype)} from the safetensors headers only."""
+  keys = list(tensor_files(model_dir) if keys is None else keys)
+  info = {}
+  for path, file_keys in keys_by_file(model_dir, keys).items():
+    with safetensors.safe_open(path, framework="numpy") as f:
+      for key in file_keys:
+        s = f.get_slice(key)
+        info[key] = (path, tuple(s.get_shape()), safetensors_slots.numpy_dtype(s.get_dtype()))
+  return {k: info[k] for k in keys}
+
+
+def _read_slice(path: str, key: str, index, dtype) -> np.ndarray:
+  """Only the block `index` (a tuple of slices) of one tensor, from disk."""
+  with safetensors.safe_open(path, framework="numpy") as f:
+    s = f.get_slice(key)
+    block = s[index] if len(index) else f.get_tensor(key)
+  return np.asarray(block, dtype)
+
+
+def _index_key(index) -> tuple:
+  return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+
+
+def read_one(path, key, shape, stored, mesh, dtype) -> jax.Array:
+  """One tensor; on a mesh each distinct block is read once per process.
+
+  `make_array_from_callback` asks for the block of every local device; devices
+  that hold the same block (all of them, for a replicated tensor) get the one
+  copy read first instead of reading it from disk again.
+  """
+  dtype = np.dtype(stored if dtype is None else dtype)
+  if mesh is None:
+    return jnp.asarray(_read_slice(path, key, (slice(None),) * len(shape), dtype))
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def block(index):
+    k = _index_key(index)
+    if k not in blocks:
+      blocks[k] = _read_slice(path, key, index, dtype)
+    return blocks[k]
+
+  return jax.make_array_from_callback(shape, weight_sharding(mesh, shape), block)
+
+
+def read_backbone(model_dir: str, keys: Iterable[str] | None = None, mesh: Mesh | None = None,
+                  dtype=None) -> dict[str, jax.Array]:
+  """Reads a HF safetensors checkpoint (all tensors, or `keys`) into jax Arrays.
+
+  Args:
+    model_dir: a directory with `model.safetensors` or `model.safetensors.index.json`.
+    keys: the tensors to read (default: all, in checkpoint order).
+    mesh: a `sharding.make_mesh()` mesh. Each weight is sharded over its rows when
+      they divide the mesh size, else replicated; every device's block is read
+      from disk on its own by the process that owns the device.
+    dtype: cast to this dtype (default: keep the stored dtype; bf16 stays bf16).
+  """
+  return {key: read_one(path, key, shape, stored, mesh, dtype)
+          for key, (path, shape, stored) in header(model_dir, keys).items()}

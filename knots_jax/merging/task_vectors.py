@@ -1,0 +1,203 @@
+"""Merging full fine-tuned models (task vectors, no LoRA): SFTM's rules, TA, TIES.
+
+A task vector is tau_i = P_i - P_pre, per tensor. `merge_task_vectors` returns
+the merged parameters P.
+
+SFTM ("Superpose Singular Features for Model Merging", Qiu et al.,
+arXiv:2502.10698) treats tensors by their role, chosen here by name and shape
+(`tensor_rule`, in this order):
+
+* "copy": non-floating tensors (e.g. `position_ids` buffers) are taken from
+  the base model; every fine-tuned model must hold the same values.
+* "norm": LayerNorm / RMSNorm parameters, weight and bias (a dotted name part
+  containing "norm", or named `ln`, `ln1`, `ln_f`, `ln_post`, ...):
+  P = mean_i P_i.
+* "additive": biases, embeddings (a name part containing "embed", or `wte`,
+  `wpe`, `shared`), and every other tensor that is not 2-D:
+  P = P_pre + gamma * sum_i tau_i (task arithmetic).
+* "matrix": the remaining 2-D weights (linear maps): P = P_pre + gamma * M with
+  M = SFTM of the tau_i, after the per-task top-eta trim (`svd_family.sftm_dense`).
+
+`rules` overrides the rule of named tensors where the patterns guess wrong
+(e.g. a tied `lm_head.weight` as "additive"). For comparison, "ta", "mean",
+"ties", "dare" and "dare_ties" merge every floating tensor the same way, as in
+their papers and DESIGN.md §3 (TIES: one top-K threshold per task over the whole
+model): P = P_pre + merged, with `gamma` as their scaling coefficient alpha.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from knots_jax.alignment import decompose
+from knots_jax.merging import orchestrate
+from knots_jax.methods import registry, svd_family
+
+RULES = ("copy", "norm", "additive", "matrix")
+ENTRYWISE = ("ta", "mean", "ties", "dare", "dare_ties")
+METHODS = ("sftm",) + ENTRYWISE
+
+_NORM_PART = re.compile(r"(norm|^ln(_\w+|\d*)$)", re.IGNORECASE)
+_EMBED_PART = re.compile(r"(embed|^wte$|^wpe$|^shared$)", re.IGNORECASE)
+
+
+def tensor_rule(name: str, value: np.ndarray) -> str:
+  """How SFTM merges the tensor `name`: "copy", "norm", "additive" or "matrix"."""
+  value = np.asarray(value)
+  if not np.issubdtype(value.dtype, np.floating):
+    return "copy"
+  parts = name.split(".")
+  module = parts[:-1] if len(parts) > 1 and parts[-1] in ("weight", "bias", "scale") else parts
+  if any(_NORM_PART.search(p) for p in module):
+    return "norm"
+  is_bias = parts[-1] == "bias" or parts[-1].endswith("_bias")
+  if is_bias or any(_EMBED_PART.search(p) for p in parts):
+    return "additive"
+  return "matrix" if value.ndim == 2 else "additive"
+
+
+def tensor_rules(base: Mapping[str, np.ndarray],
+                 rules: Mapping[str, str] | None = None) -> dict[str, str]:
+  """The rule of every tensor of `base` (`tensor_rule`, then the `rules` overrides)."""
+  rules = dict(rules or {})
+  unknown = sorted(set(rules) - set(base))
+  if unknown:
+    raise ValueError(f"merge_task_vectors: `rules` names tensors the model does not have: "
+                     f"{unknown[:5]}")
+  bad = {k: v for k, v in rules.items() if v not in RULES}
+  if bad:
+    raise ValueError(f"merge_task_vectors: unknown rules {bad}; valid rules: {', '.join(RULES)}")
+  out = {name: rules.get(name, tensor_rule(name, value)) for name, value in base.items()}
+  for name, rule in out.items():
+    if rule == "matrix" and np.ndim(base[name]) != 2:
+      raise ValueError(f"merge_task_vectors: `{name}` has shape {np.shape(base[name])}; "
+                       "the rule `matrix` (SFTM) needs a 2-D tensor")
+  return out
+
+
+def _check_models(base: Mapping[str, np.ndarray], finetuned: Sequence[Mapping[str, np.ndarray]]):
+  if not isinstance(finetuned, (list, tuple)) or not finetuned:
+    raise ValueError("merge_task_vectors: `finetuned` must be a non-empty list of state dicts")
+  if not base:
+    raise ValueError("merge_task_vectors: the base state dict is empty")
+  for i, model in enumerate(finetuned):
+    missing, extra = sorted(set(base) - set(model)), sorted(set(model) - set(base))
+    if missing or extra:
+      raise ValueError(f"merge_task_vectors: fine-tuned model {i} does not match the base: "
+                       f"missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in base.items():
+      if np.shape(model[name]) != np.shape(value):
+        raise ValueError(f"merge_task_vectors: `{name}` has shape {np.shape(model[name])} in "
+                         f"fine-tuned model {i} and {np.shape(value)} in the base")
+
+
+def _as_matrix(x: np.ndarray) -> np.ndarray:
+  """[n, ...] -> [n, R, C]: 2-D tensors as they are, others as one row (or rows x rest)."""
+  n = x.shape[0]
+  if x.ndim == 3:
+    return x
+  if x.ndim <= 2:
+    return x.reshape(n, 1, -1)
+  return x.reshape(n, x.shape[1], -1)
+
+
+def _by_shape(names: Sequence[str], tau: Mapping[str, np.ndarray]) -> list[list[str]]:
+  """Tensor names grouped by their [R, C] shape (one stack each), in sorted order."""
+  groups = collections.defaultdict(list)
+  for name in sorted(names):
+    groups[_as_matrix(tau[name][:1]).shape[1:]].append(name)
+  return [groups[k] for k in sorted(groups)]
+
+
+def _entrywise(names, tau, spec, gamma, top_k, drop_rate, seed, top_k_scope, dt):
+  """TA / mean / TIES / DARE over the tensors `names` (TIES thresholds over all of them)."""
+  stacks = _by_shape(names, tau)
+  reps = [jnp.asarray(np.stack([_as_matrix(tau[n]) for n in group]), dt) for group in stacks]
+  valids = [jnp.ones(r.shape[:1] + r.shape[2:3], bool) for r in reps]
+  merged, _ = orchestrate.combine(reps, valids, stacks, spec, scaling=gamma, top_k=top_k,
+                              drop_rate=drop_rate, seed=seed, top_k_scope=top_k_scope)
+  return {name: np.asarray(m[l]).reshape(tau[name].shape[1:])
+          for group, m in zip(stacks, merged) for l, name in enumerate(group)}
+
+
+def _sftm(names, tau, gamma, eta, dt):
+  """gamma * M of SFTM for the 2-D tensors `names`, one stack per shape."""
+  out = {}
+  for group in _by_shape(names, tau):
+    delta = jnp.asarray(np.stack([tau[n] for n in group]), dt)
+    update, _ = svd_family.sftm_dense_stack(delta, eta=eta, gamma=gamma, modules=group)
+    out.update({name: np.asarray(update[l]) for l, name in enumerate(group)})
+  return out
+
+
+def merge_task_vectors(
+    base: Mapping[str, np.ndarray],
+    finetuned: Sequence[Mapping[str, np.ndarray]],
+    method: str = "sftm",
+    *,
+    gamma: float = 1.0,
+    eta: float = 1.0,
+    top_k: float = 30,
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    top_k_scope: str = "model",
+    rules: Mapping[str, str] | None = None,
+    dtype: str = "float32",
+) -> dict[str, np.ndarray]:
+  """Merges fully fine-tuned models of one base model; returns the merged state dict.
+
+  Args:
+    base: the pre-trained parameters {name: array}.
+    finetuned: the fine-tuned models, each with the same names and shapes.
+    method: "sftm" (per-tensor rules, see the module docstring) or one of
+      "ta", "mean", "ties", "dare", "dare_ties" on every floating tensor.
+    gamma: the scaling coefficient: SFTM's gamma, TA / TIES's alpha.
+    eta: SFTM's trim: the share of each task matrix's entries kept (top |x|);
+      1 keeps all.
+    top_k, drop_rate, seed, top_k_scope: TIES / DARE, as in `knots_jax.merge`.
+    rules: {name: rule} overrides of `tensor_rule` (SFTM only).
+    dtype: "float32" or "float64" (needs jax x64) for the computation; the
+      result has the base's dtypes.
+  """
+  if method not in METHODS:
+    raise ValueError(f"merge_task_vectors: unknown method `{method}`; valid: {', '.join(METHODS)}")
+  if not np.isfinite(gamma):
+    raise ValueError(f"merge_task_vectors: gamma must be finite; got {gamma}")
+  if not 0.0 < eta <= 1.0:
+    raise ValueError(f"merge_task_vectors: eta must be in (0, 1]; got {eta}")
+  if method != "sftm" and rules:
+    raise ValueError("merge_task_vectors: `rules` only apply to method `sftm`")
+  _check_models(base, finetuned)
+  dt = decompose.compute_dtype(dtype)
+  if method == "sftm":
+    rule = tensor_rules(base, rules)
+  else:
+    rule = {name: tensor_rule(name, value) for name, value in base.items()}
+    rule = {name: "copy" if r == "copy" else "additive" for name, r in rule.items()}
+  for name in (n for n, r in rule.items() if r == "copy"):
+    if any(not np.array_equal(model[name], base[name]) for model in finetuned):
+      raise ValueError(f"merge_task_vectors: non-floating tensor `{name}` differs between the "
+                       "models; it cannot be merged")
+  merged = {name: np.asarray(base[name]) for name, r in rule.items() if r == "copy"}
+  floating = [name for name, r in rule.items() if r != "copy"]
+  tau = {name: np.stack([np.asarray(m[name], np.float64) for m in finetuned])
+         - np.asarray(base[name], np.float64) for name in floating}
+
+  if method != "sftm":
+    spec = registry.get_method(method)
+    updates = _entrywise(floating, tau, spec, gamma, top_k, drop_rate, seed, top_k_scope, dt)
+  else:
+    matrices = [name for name in floating if rule[name] == "matrix"]
+    updates = _sftm(matrices, tau, gamma, eta, dt) if matrices else {}
+    updates.update({name: gamma * tau[name].sum(0) for name in floating
+                    if rule[name] == "additive"})
+    updates.update({name: tau[name].mean(0) for name in floating if rule[name] == "norm"})
+  for name in floating:   # mean_i P_i = P_pre + mean_i tau_i for the norms
+    merged[name] = (np.asarray(base[name], np.float64) + updates[name]).astype(
+        np.asarray(base[name]).dtype)
+  return {name: merged[name] for name in base}

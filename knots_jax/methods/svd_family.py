@@ -1,0 +1,607 @@
+"""SVD-based merging methods beside KnOTS, computed from LoRA factors where exact.
+
+Per-module functions take one module's per-task factors `b` [n, out, r] (PEFT
+scale folded in, ranks zero-padded) and `a` [n, r, in], or dense task updates
+`delta` [n, out, in]; the `*_stack` helpers vmap them over the stack axis L
+under `jax.jit`. Merged updates come back as LoRA factors (`b_m @ a_m`) with no
+dense out x in matrix, or as dense matrices for the `*_dense` references.
+
+* "LoRA Merging with SVD: Understanding Interference and Preserving
+  Performance" (Tang et al., ICML 2025 workshop R2-FM): direct merge (DM),
+  multiplied merge (MM), the DM cross term, MM + Gaussian noise of the cross
+  term's norm, SVD_r(MM), the bound ||L_MM - SVD_r(L_MM)||_F <= ||L_DM - L_MM||_F,
+  and linear-mode-connectivity helpers (`interpolation_path`, `lmc_barrier`).
+* Iso-C / Iso-CTS ("No Task Left Behind", Marczak et al., arXiv:2502.04959):
+  flat spectrum on the task-arithmetic sum (Iso-C), on common + task-specific
+  directions (Iso-CTS).
+* TSV-M ("Task Singular Vectors", Gargiulo et al., CVPR 2025, arXiv:2412.00081):
+  per-task truncation, whitening of the concatenated singular vectors (polar factor).
+* SFTM ("Superpose Singular Features for Model Merging", Qiu et al.,
+  arXiv:2502.10698): coefficients from the linear system (Sigma o U o V) alpha = sigma.
+
+Singular components of a zero-padded (or rank-deficient) update have arbitrary
+singular vectors; every method here zeroes the components whose singular value
+is <= `rtol` times the module's largest one, so results do not depend on them
+and the factor and dense paths agree. Every LAPACK call of one program depends
+on the previous one (see docs/design.md on the jaxlib 0.10 CPU deadlock); the
+two polar factors of TSV-M and Iso-CTS share one batched SVD.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from knots_jax.methods import truncated_svd
+from knots_jax.methods.entrywise import kth_rank
+from knots_jax.methods.truncated_svd import factored_svd
+
+DEFAULT_RTOL = 1e-5
+POLAR_RTOL = 1e-6
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_factors(b, a, ndim: int = 3) -> None:
+  """b [..., n, out, r] and a [..., n, r, in] with matching leading axes."""
+  if (b.ndim != ndim or a.ndim != ndim or b.shape[:-2] != a.shape[:-2]
+      or b.shape[-1] != a.shape[-2]):
+    lead = "L, n" if ndim == 4 else "n"
+    raise ValueError(f"need b [{lead}, out, r] and a [{lead}, r, in]; got {b.shape} and {a.shape}")
+
+
+def _check_weights(weights, n: int) -> jax.Array:
+  weights = jnp.asarray(weights)
+  if weights.shape != (n,):
+    raise ValueError(f"weights must have one entry per adapter ({n}); got shape {weights.shape}")
+  return weights
+
+
+def _cat_b(b: jax.Array) -> jax.Array:
+  """[n, out, r] -> B_cat = [B_1, ..., B_n] [out, n r]."""
+  n, out, r = b.shape
+  return jnp.transpose(b, (1, 0, 2)).reshape(out, n * r)
+
+
+def _cat_a(a: jax.Array) -> jax.Array:
+  """[n, r, in] -> A_cat = [A_1; ...; A_n] [n r, in]."""
+  n, r, inp = a.shape
+  return a.reshape(n * r, inp)
+
+
+def _polar_pair(u: jax.Array, v: jax.Array, rtol: float = POLAR_RTOL):
+  """Polar factors X (X^T X)^(-1/2) = P Q^T of u [out, k] and v [in, k].
+
+  The orthogonal Procrustes solution nearest to X (TSV-M, Iso-CTS).
+  Singular values <= rtol * max are dropped, so zero columns stay zero (the
+  polar factor of a rank-deficient X is otherwise not unique). Both share one
+  batched SVD (rows zero-padded to max(out, in), which leaves P Q^T unchanged
+  up to the padded zero rows).
+  """
+  out, inp = u.shape[0], v.shape[0]
+  rows = max(out, inp)
+  x = jnp.stack([jnp.pad(u, ((0, rows - out), (0, 0))), jnp.pad(v, ((0, rows - inp), (0, 0)))])
+  p, sv, qt = jnp.linalg.svd(x, full_matrices=False)
+  keep = sv > rtol * jnp.max(sv, axis=-1, keepdims=True)
+  w = jnp.einsum("brk,bk,bkc->brc", p, keep.astype(x.dtype), qt)
+  return w[0, :out], w[1, :inp]
+
+
+def _fro_factored(b: jax.Array, a: jax.Array) -> jax.Array:
+  """||b @ a||_F from b [out, k], a [k, in]: sqrt(sum((b^T b) o (a a^T)))."""
+  return jnp.sqrt(jnp.maximum(jnp.sum((b.T @ b) * (a @ a.T)), 0))
+
+
+def _stack(fn, static=()):
+  """jit(vmap(fn)) over the leading axis of the array arguments `b`, `a` (or `delta`)."""
+  @functools.partial(jax.jit, static_argnames=static)
+  def run(*arrays, **kwargs):
+    return jax.vmap(functools.partial(fn, **kwargs))(*arrays)
+  return run
+
+
+# ------------------------------------------------ LoRA Merging with SVD (DM / MM)
+
+
+def direct_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
+  """DM ("LoRA Merging with SVD"): B = sum_i w_i B_i, A = sum_i w_i A_i.
+
+  Keeps LoRA's rank r; the product (sum w_i B_i)(sum w_j A_j) contains the
+  cross terms w_i w_j B_i A_j (i != j). Returns (b_dm [out, r], a_dm [r, in]).
+  """
+  w = _check_weights(weights, b.shape[0])
+  return jnp.einsum("n,nor->or", w, b), jnp.einsum("n,nri->ri", w, a)
+
+
+def multiplied_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
+  """MM ("LoRA Merging with SVD"): L_MM = sum_i w_i B_i A_i, exactly.
+
+  Returned as concatenated factors [w_1 B_1, ..., w_n B_n] [out, n r] and
+  [A_1; ...; A_n] [n r, in] (rank n r, no dense matrix).
+  """
+  w = _check_weights(weights, b.shape[0])
+  return _cat_b(w[:, None, None] * b), _cat_a(a)
+
+
+def cross_term(b: jax.Array, a: jax.Array, weights: jax.Array):
+  """L_DM - L_MM as factors [B_dm, -B_mm] [out, r + n r], [A_dm; A_mm] [r + n r, in].
+
+  Equals sum_{i != j} w_i w_j B_i A_j + sum_i (w_i^2 - w_i) B_i A_i.
+  """
+  b_dm, a_dm = direct_merge(b, a, weights)
+  b_mm, a_mm = multiplied_merge(b, a, weights)
+  return jnp.concatenate([b_dm, -b_mm], axis=1), jnp.concatenate([a_dm, a_mm], axis=0)
+
+
+def cross_term_dense(b: jax.Array, a: jax.Array, weights: jax.Array) -> jax.Array:
+  """L_DM - L_MM as a dense [out, in] matrix."""
+  b_x, a_x = cross_term(b, a, weights)
+  return b_x @ a_x
+
+
+direct_merge_stack = jax.jit(jax.vmap(direct_merge, in_axes=(0, 0, None)))
+multiplied_merge_stack = jax.jit(jax.vmap(multiplied_merge, in_axes=(0, 0, None)))
+cross_term_stack = jax.jit(jax.vmap(cross_term, in_axes=(0, 0, None)))
+
+
+def _cross_norm(b, a, weights):
+  return _fro_factored(*cross_term(b, a, weights))
+
+
+def _mm_norm(b, a, weights):
+  return _fro_factored(*multiplied_merge(b, a, weights))
+
+
+_cross_norm_stack = jax.jit(jax.vmap(_cross_norm, in_axes=(0, 0, None)))
+_mm_norm_stack = jax.jit(jax.vmap(_mm_norm, in_axes=(0, 0, None)))
+
+
+def svd_r_error_bound(b: jax.Array, a: jax.Array, weights, rank: int | None = None):
+  """Both sides of the bound of "LoRA Merging with SVD" for a stack of modules.
+
+  Args:
+    b: [L, n, out, r]; a: [L, n, r, in]; weights: [n].
+    rank: r of SVD_r (default: the padded LoRA rank r, the rank of L_DM).
+
+  Returns:
+    (truncation_error [L] = ||L_MM - SVD_r(L_MM)||_F,
+     cross_term_error [L] = ||L_DM - L_MM||_F).
+  Since rank(L_DM) <= r and SVD_r(L_MM) is the best rank-r approximation of
+  L_MM (Eckart-Young), truncation_error <= cross_term_error whenever
+  `rank` >= r. SVD_r comes from `truncated_svd.truncate_factors` (no dense matrix).
+  """
+  b, a = jnp.asarray(b), jnp.asarray(a)
+  _check_factors(b, a, ndim=4)
+  weights = _check_weights(weights, b.shape[1])
+  rank = b.shape[-1] if rank is None else rank
+  b_mm, a_mm = multiplied_merge_stack(b, a, weights)
+  _, _, rel = truncated_svd.truncate_factors(b_mm, a_mm, rank)
+  trunc = rel * _mm_norm_stack(b, a, weights)
+  return trunc, _cross_norm_stack(b, a, weights)
+
+
+def svd_r_error_bound_holds(b, a, weights, rank: int | None = None,
+                            rtol: float = 1e-6) -> np.ndarray:
+  """[L] booleans: ||L_MM - SVD_r(L_MM)||_F <= ||L_DM - L_MM||_F (to rounding)."""
+  trunc, cross = svd_r_error_bound(b, a, weights, rank)
+  trunc, cross = np.asarray(trunc), np.asarray(cross)
+  return trunc <= cross + rtol * np.maximum(trunc, 1e-30)
+
+
+def mm_svd_stack(b, a, weights, rank: int | None = None):
+  """SVD_r(L_MM) for a stack: the best rank-`rank` LoRA of sum_i w_i B_i A_i.
+
+  The merge proposed by "LoRA Merging with SVD": MM's update, truncated back to
+  LoRA's rank (B = U_r, A = S_r V_r^T), from the factors (`truncated_svd.truncate_factors`).
+  b [L, n, out, r], a [L, n, r, in], weights [n]; rank defaults to the padded r.
+  Returns (b_r [L, out, rank], a_r [L, rank, in]).
+  """
+  b, a = jnp.asarray(b), jnp.asarray(a)
+  _check_factors(b, a, ndim=4)
+  weights = _check_weights(weights, b.shape[1])
+  rank = b.shape[-1] if rank is None else rank
+  b_r, a_r, _ = truncated_svd.truncate_factors(*multiplied_merge_stack(b, a, weights), rank)
+  return b_r, a_r
+
+
+def module_keys(seed: int, modules: Sequence[str]) -> jax.Array:
+  """One PRNG key per module from the seed and the module's name only.
+
+  A module's key does not depend on which stack it sits in or where, so its
+  random draws are the same however the modules are grouped.
+  """
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer; got {seed!r}")
+  codes = jnp.asarray([zlib.crc32(m.encode()) for m in modules], jnp.uint32)
+  base = jax.random.key(int(seed))
+  return jax.vmap(lambda c: jax.random.fold_in(base, c))(codes)
+
+
+def cross_term_noise(b: jax.Array, a: jax.Array, weights: jax.Array, key: jax.Array) -> jax.Array:
+  """L_MM + N: DM's cross term replaced by Gaussian noise of the same Frobenius norm.
+
+  The ablation of "LoRA Merging with SVD" that asks whether the cross term
+  M = L_DM - L_MM hurts as structure or only as a perturbation of its size.
+  N = ||M||_F * G / ||G||_F with G [out, in] i.i.d. standard normal from `key`
+  (an isotropic Gaussian direction, so ||N||_F = ||M||_F exactly); ||M||_F
+  comes from the factors. N is full-rank, so the result is dense [out, in].
+  """
+  w = _check_weights(weights, b.shape[0])
+  target = _cross_norm(b, a, w)
+  g = jax.random.normal(key, (b.shape[1], a.shape[2]), b.dtype)
+  g_norm = jnp.linalg.norm(g)
+  b_mm, a_mm = multiplied_merge(b, a, w)
+  return b_mm @ a_mm + g * (target / jnp.where(g_norm > 0, g_norm, 1))
+
+
+_cross_term_noise_stack = jax.jit(jax.vmap(cross_term_noise, in_axes=(0, 0, None, 0)))
+
+
+def cross_term_noise_stack(b, a, weights, seed: int, modules: Sequence[str]) -> jax.Array:
+  """`cross_term_noise` over a stack b [L, n, out, r], a [L, n, r, in] -> [L, out, in].
+
+  Module l draws its noise from `module_keys(seed, modules)[l]`: deterministic
+  given the seed, independent across modules.
+  """
+  b, a = jnp.asarray(b), jnp.asarray(a)
+  _check_factors(b, a, ndim=4)
+  weights = _check_weights(weights, b.shape[1])
+  if len(modules) != b.shape[0]:
+    raise ValueError(f"need one module name per stacked module ({b.shape[0]}); got {len(modules)}")
+  return _cross_term_noise_stack(b, a, weights, module_keys(seed, modules))
+
+
+# ------------------------------------------------- linear mode connectivity
+
+
+# ------------------------------------------------------------- Iso-C / Iso-CTS
+
+
+def _check_mean(mean: str) -> None:
+  if mean not in ("nonzero", "full"):
+    raise ValueError(f"mean must be 'nonzero' or 'full'; got {mean!r}")
+
+
+def _flat_value(s: jax.Array, valid: jax.Array, mean: str, full: int) -> jax.Array:
+  """sigma_bar = sum(sigma) / count, count = kept components or min(out, in)."""
+  total = jnp.sum(jnp.where(valid, s, 0))
+  count = jnp.sum(valid) if mean == "nonzero" else full
+  return total / jnp.maximum(count, 1).astype(s.dtype)
+
+
+def iso_c(b: jax.Array, a: jax.Array, scaling: float = 1.0, mean: str = "nonzero",
+          rtol: float = DEFAULT_RTOL):
+  """Iso-C (Marczak et al., arXiv:2502.04959): alpha * sigma_bar * U V^T of the TA sum.
+
+  Delta_TA = sum_i B_i A_i = U S V^T; the spectrum is replaced by its mean,
+  sigma_bar = (1/k) sum_j sigma_j. `mean="nonzero"` averages over the k
+  non-zero singular values (the rank of Delta_TA, <= n r); `mean="full"` over
+  min(out, in), the authors' `S.mean()` on the dense SVD, whose extra (zero)
+  directions are arbitrary for a low-rank sum and are left out here. Exact from
+  the factors (QR of B_cat + SVD of an (n r) x in matrix).
+  Returns (b_m [out, K] = U, a_m [K, in] = alpha sigma_bar V^T), K = min(out, n r, in).
+  """
+  _check_mean(mean)
+  out, inp = b.shape[1], a.shape[2]
+  u, s, vt = factored_svd(_cat_b(b), _cat_a(a))
+  valid = s > rtol * jnp.max(s)
+  s_bar = _flat_value(s, valid, mean, min(out, inp))
+  return u * valid, (scaling * s_bar) * jnp.where(valid[:, None], vt, 0)
+
+
+def iso_c_dense(delta: jax.Array, scaling: float = 1.0, mean: str = "nonzero",
+                rtol: float = DEFAULT_RTOL) -> jax.Array:
+  """Iso-C on dense task updates [n, out, in] -> [out, in] (reference)."""
+  _check_mean(mean)
+  u, s, vt = jnp.linalg.svd(jnp.sum(delta, axis=0), full_matrices=False)
+  valid = s > rtol * jnp.max(s)
+  s_bar = _flat_value(s, valid, mean, min(delta.shape[1:]))
+  return (scaling * s_bar) * (u * valid) @ vt
+
+
+def iso_cts_sizes(n: int, space: int, common_fraction: float) -> tuple[int, int]:
+  """(common components k_c, task-specific components per task d) of Iso-CTS.
+
+  As in the authors' code: k_c = int(space * f), then rounded so that the
+  task-specific budget space - k_c is a multiple of n.
+  """
+  if not 0.0 <= common_fraction <= 1.0:
+    raise ValueError(f"common_fraction must be in [0, 1]; got {common_fraction}")
+  if space < 1:
+    raise ValueError(f"space must be a positive integer; got {space}")
+  k_c = int(space * common_fraction)
+  specific = round((space - k_c) / n) * n
+  if specific > space:
+    specific -= n
+  return space - specific, specific // n
+
+
+def _iso_cts_finish(u_ts, s_ts, vt_ts, valid_ts, u_c, s_c, vt_c, valid_c, scaling):
+  """Whitening of [U_ts, U_c] and [V_ts, V_c], flat spectrum: the Iso-CTS update."""
+  u_all = jnp.concatenate([_cat_b(u_ts * valid_ts[:, None, :]), u_c * valid_c], axis=1)
+  vt_all = jnp.concatenate([_cat_a(jnp.where(valid_ts[..., None], vt_ts, 0)),
+                            jnp.where(valid_c[:, None], vt_c, 0)], axis=0)
+  s_all = jnp.concatenate([s_ts.reshape(-1), s_c])
+  valid = jnp.concatenate([valid_ts.reshape(-1), valid_c])
+  s_bar = _flat_value(s_all, valid, "nonzero", 0)
+  u_o, v_o = _polar_pair(u_all, vt_all.T)
+  return u_o, (scaling * s_bar) * v_o.T
+
+
+def _top(u, s, vt, d: int):
+  """Leading d components of batched SVDs [n, out, m], [n, m], [n, m, in], zero-padded."""
+  m = s.shape[-1]
+  if d > m:
+    u = jnp.pad(u, ((0, 0), (0, 0), (0, d - m)))
+    s = jnp.pad(s, ((0, 0), (0, d - m)))
+    vt = jnp.pad(vt, ((0, 0), (0, d - m), (0, 0)))
+  return u[:, :, :d], s[:, :d], vt[:, :d]
+
+
+def _cts_sizes_traced(space, n: int, common_fraction: float):
+  """`iso_cts_sizes` on a traced `space` (the numerical rank of Delta_TA)."""
+  k_c = jnp.floor(space * common_fraction).astype(space.dtype)
+  specific = jnp.round((space - k_c) / n).astype(space.dtype) * n  # half to even, as round()
+  specific = jnp.where(specific > space, specific - n, specific)
+  return space - specific, specific // n
+
+
+def _iso_cts_core(u, s, vt, task_svds, n: int, common_fraction: float, scaling: float,
+                  space: int | None, rtol: float):
+  """Iso-CTS from the TA SVD (u, s, vt) and a function giving per-task SVDs of
+  (I - U_c U_c^T) Delta_i for a masked U_c."""
+  if not 0.0 <= common_fraction <= 1.0:
+    raise ValueError(f"common_fraction must be in [0, 1]; got {common_fraction}")
+  scale = jnp.max(s)
+  valid_ta = s > rtol * scale
+  if space is None:
+    size = jnp.sum(valid_ta).astype(jnp.int32)
+  else:
+    if isinstance(space, bool) or not isinstance(space, int) or space < 1:
+      raise ValueError(f"space must be a positive integer; got {space!r}")
+    size = jnp.asarray(min(space, s.shape[0]), jnp.int32)
+  k_c, d = _cts_sizes_traced(size, n, common_fraction)
+  idx = jnp.arange(s.shape[0])
+  valid_c = valid_ta & (idx < k_c)
+  u_c, s_c, vt_c = u * valid_c, jnp.where(valid_c, s, 0), jnp.where(valid_c[:, None], vt, 0)
+  u_t, s_t, vt_t = task_svds(u_c)                             # [n, out, m], [n, m], [n, m, in]
+  valid_t = (s_t > rtol * scale) & (jnp.arange(s_t.shape[1]) < d)
+  return _iso_cts_finish(u_t, s_t, vt_t, valid_t, u_c, s_c, vt_c, valid_c, scaling)
+
+
+def iso_cts(b: jax.Array, a: jax.Array, common_fraction: float = 0.8, scaling: float = 1.0,
+            space: int | None = None, rtol: float = DEFAULT_RTOL):
+  """Iso-CTS (Marczak et al., arXiv:2502.04959) from the factors, exactly.
+
+  1. Common subspace: the top k_c left/right singular vectors of Delta_TA.
+  2. Task-specific: per task, the top d components of
+     (I - U_c U_c^T) B_i A_i (a LoRA: project B_i, then QR + small SVD).
+  3. Whiten [U_ts, U_c] and [V_ts, V_c] (polar factor), flat spectrum
+     sigma_bar = mean of all kept singular values [S_ts, S_c]:
+     Delta = alpha * sigma_bar * U_o V_o^T.
+  k_c + n d = `space`, the number of directions: the paper uses min(out, in)
+  (a full-rank Delta_TA); the default here is the numerical rank of Delta_TA
+  (<= n r for LoRAs), so that [U_ts, U_c] can be whitened to orthonormal columns.
+  Returns (b_m [out, K + n m], a_m [K + n m, in]) with zero columns for unused slots.
+  """
+  n = b.shape[0]
+  u, s, vt = factored_svd(_cat_b(b), _cat_a(a))
+
+  def task_svds(u_c):
+    b_perp = b - jnp.einsum("ok,pk,npr->nor", u_c, u_c, b)  # (I - U_c U_c^T) B_i
+    return jax.vmap(factored_svd)(b_perp, a)
+
+  return _iso_cts_core(u, s, vt, task_svds, n, common_fraction, scaling, space, rtol)
+
+
+def iso_cts_dense(delta: jax.Array, common_fraction: float = 0.8, scaling: float = 1.0,
+                  space: int | None = None, rtol: float = DEFAULT_RTOL) -> jax.Array:
+  """Iso-CTS on dense task updates [n, out, in] -> [out, in] (reference).
+
+  With a full-rank Delta_TA the default `space` (its numerical rank) is min(out, in),
+  as in the paper.
+  """
+  u, s, vt = jnp.linalg.svd(jnp.sum(delta, axis=0), full_matrices=False)
+
+  def task_svds(u_c):
+    return jnp.linalg.svd(delta - jnp.einsum("ok,pk,npi->noi", u_c, u_c, delta),
+                          full_matrices=False)
+
+  b_m, a_m = _iso_cts_core(u, s, vt, task_svds, delta.shape[0], common_fraction, scaling,
+                           space, rtol)
+  return b_m @ a_m
+
+
+# ---------------------------------------------------------------------- TSV-M
+
+
+def tsv_default_keep(n: int, out: int, inp: int) -> int:
+  """Components kept per task: a fraction 1/n of min(out, in) (TSV-M's default), at least 1."""
+  return max(1, min(out, inp) // n)
+
+
+def _tsv_from_svds(u, s, vt, keep: int, rtol: float, limit=None):
+  """Truncate each task to `keep` components, concatenate, whiten: (U_o, S, V_o).
+
+  `limit` (traced, optional): keep only the first `limit` of those `keep`.
+  """
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise ValueError(f"keep must be a positive integer; got {keep!r}")
+  u, s, vt = _top(u, s, vt, keep)
+  valid = s > rtol * jnp.max(s)
+  if limit is not None:
+    valid = valid & (jnp.arange(keep) < limit)
+  u_all = _cat_b(u * valid[:, None, :])
+  vt_all = _cat_a(jnp.where(valid[..., None], vt, 0))
+  u_o, v_o = _polar_pair(u_all, vt_all.T)
+  return u_o, jnp.where(valid, s, 0).reshape(-1), v_o
+
+
+def tsv_whitened(b: jax.Array, a: jax.Array, keep: int | None = None, rtol: float = DEFAULT_RTOL):
+  """TSV-M's whitened bases from the factors: (U_o [out, n k], S [n k], V_o [in, n k]).
+
+  Per task the SVD of B_i A_i (QR of B_i + SVD of an r x in matrix), its top
+  `keep` components; U_o, V_o are the polar factors of the concatenations
+  [U_1..U_n], [V_1..V_n] (orthonormal columns where n k <= out, in).
+  """
+  n, out, _ = b.shape
+  keep = tsv_default_keep(n, out, a.shape[2]) if keep is None else keep
+  return _tsv_from_svds(*jax.vmap(factored_svd)(b, a), keep, rtol)
+
+
+def tsv_merge(b: jax.Array, a: jax.Array, keep: int | None = None, scaling: float = 1.0,
+              rtol: float = DEFAULT_RTOL):
+  """TSV-M (Gargiulo et al., arXiv:2412.00081): alpha * U_o blockdiag(S_i) V_o^T.
+
+  Returns factors (b_m [out, n k] = U_o, a_m [n k, in] = alpha S V_o^T); exact
+  from the LoRA factors, O(n (out + in) r^2 + (out + in) (n k)^2).
+  """
+  u_o, s, v_o = tsv_whitened(b, a, keep, rtol)
+  return u_o, scaling * s[:, None] * v_o.T
+
+
+def tsv_merge_dense(delta: jax.Array, keep: int | None = None, scaling: float = 1.0,
+                    rtol: float = DEFAULT_RTOL) -> jax.Array:
+  """TSV-M on dense task updates [n, out, in] -> [out, in] (reference)."""
+  n, out, inp = delta.shape
+  keep = tsv_default_keep(n, out, inp) if keep is None else keep
+  u_o, s, v_o = _tsv_from_svds(*jnp.linalg.svd(delta, full_matrices=False), keep, rtol)
+  return scaling * (u_o * s) @ v_o.T
+
+
+def tsv_merge_ranked(delta: jax.Array, rank: jax.Array, scaling: float = 1.0,
+                     rtol: float = DEFAULT_RTOL) -> jax.Array:
+  """TSV-M on dense per-task matrices [n, R, C] that live in a rank-`rank` space.
+
+  For the small matrices of the Core Space (core matrices M_i) and of KnOTS
+  (V_i^T): as in the Core Space authors' code, each task keeps
+  floor(rank / n) components (at least 1), where `rank` (traced) is the number
+  of valid directions of the space (the padded R, C would overcount it).
+  Returns the merged [R, C].
+  """
+  n = delta.shape[0]
+  u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
+  limit = jnp.maximum(rank // n, 1)
+  u_o, s_all, v_o = _tsv_from_svds(u, s, vt, s.shape[-1], rtol, limit=limit)
+  return scaling * (u_o * s_all) @ v_o.T
+
+
+# ----------------------------------------------------------------------- SFTM
+
+
+def sftm_system(u: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+  """G = Sigma o U o V with G[p, q] = sigma_q (u_p^T u_q)(v_q^T v_p).
+
+  u [out, N], s [N], v [in, N]: all tasks' components, flattened (p = (i, k)).
+  G alpha = sigma (the paper's eq. (3)) says u_p^T M v_p = sigma_p for
+  M = sum_q alpha_q sigma_q u_q v_q^T: every task's singular feature keeps its
+  gain through the merged matrix.
+  """
+  return (u.T @ u) * (v.T @ v) * s[None, :]
+
+
+def _sftm_solve(u, s, vt, gamma: float, rtol: float):
+  """Flattens per-task SVDs [n, out, m], [n, m], [n, m, in]; solves for alpha; M factors."""
+  n, out, m = u.shape
+  valid = s > rtol * jnp.max(s)
+  u_all = _cat_b(u * valid[:, None, :])
+  vt_all = _cat_a(jnp.where(valid[..., None], vt, 0))
+  s_all = jnp.where(valid, s, 0).reshape(-1)
+  g = sftm_system(u_all, s_all, vt_all.T)
+  alpha, _, rank, _ = jnp.linalg.lstsq(g, s_all)
+  alpha = jnp.where(s_all > 0, alpha, 0)
+  deficient = rank < jnp.sum(valid)
+  return u_all, (gamma * alpha * s_all)[:, None] * vt_all, alpha.reshape(n, m), deficient
+
+
+def sftm(b: jax.Array, a: jax.Array, gamma: float = 1.0, rtol: float = DEFAULT_RTOL):
+  """SFTM (Qiu et al., arXiv:2502.10698) from the factors, without trimming (eta = 1).
+
+  M_i = B_i A_i = sum_k sigma_ik u_ik v_ik^T (QR + small SVD per task); alpha
+  solves (Sigma o U o V) alpha = sigma by least squares (minimum norm where
+  singular); the update is gamma * M, M = sum alpha_ik sigma_ik u_ik v_ik^T.
+  Returns (b_m [out, n m], a_m [n m, in], alpha [n, m], rank_deficient).
+  Entry-wise trimming (eta < 1) breaks the low-rank structure: use `sftm_dense`.
+  """
+  return _sftm_solve(*jax.vmap(factored_svd)(b, a), gamma, rtol)
+
+
+def trim_top(delta: jax.Array, eta: float) -> jax.Array:
+  """TIES-style trim per task: keep entries with |x| >= the (d - int(d eta))-th smallest |x|.
+
+  delta [n, out, in]; d = out * in, the entries of one task's matrix (SFTM
+  trims each task matrix on its own, before its SVD). eta = 1 keeps all.
+  """
+  if not 0.0 < eta <= 1.0:
+    raise ValueError(f"eta must be in (0, 1]; got {eta}")
+  n = delta.shape[0]
+  flat = jnp.abs(delta.reshape(n, -1))
+  k = kth_rank(flat.shape[1], eta)
+  if k == 0:
+    return delta
+  kth = jnp.sort(flat, axis=1)[:, k - 1]
+  return jnp.where(jnp.abs(delta) >= kth[:, None, None], delta, 0)
+
+
+def sftm_dense(delta: jax.Array, eta: float = 1.0, gamma: float = 1.0,
+               rtol: float = DEFAULT_RTOL):
+  """SFTM on dense task updates [n, out, in]: top-eta trim, SVD, linear system.
+
+  Returns (update [out, in] = gamma M, alpha [n, min(out, in)], rank_deficient).
+  """
+  trimmed = trim_top(delta, eta)
+  b_m, a_m, alpha, deficient = _sftm_solve(*jnp.linalg.svd(trimmed, full_matrices=False),
+                                           gamma, rtol)
+  return b_m @ a_m, alpha, deficient
+
+
+# --------------------------------------------------------------------- stacks
+
+iso_c_stack = _stack(iso_c, ("scaling", "mean", "rtol"))
+iso_c_dense_stack = _stack(iso_c_dense, ("scaling", "mean", "rtol"))
+iso_cts_stack = _stack(iso_cts, ("common_fraction", "scaling", "space", "rtol"))
+iso_cts_dense_stack = _stack(iso_cts_dense, ("common_fraction", "scaling", "space", "rtol"))
+tsv_merge_stack = _stack(tsv_merge, ("keep", "scaling", "rtol"))
+tsv_merge_dense_stack = _stack(tsv_merge_dense, ("keep", "scaling", "rtol"))
+tsv_merge_ranked_stack = _stack(tsv_merge_ranked, ("scaling", "rtol"))
+_sftm_stack = _stack(sftm, ("gamma", "rtol"))
+_sftm_dense_stack = _stack(sftm_dense, ("eta", "gamma", "rtol"))
+
+
+def _warn_singular(deficient, modules=None) -> None:
+  bad = np.flatnonzero(np.asarray(deficient))
+  if bad.size:
+    names = [modules[i] for i in bad] if modules is not None else bad.tolist()
+    warnings.warn(f"SFTM: the system (Sigma o U o V) alpha = sigma is singular for "
+                  f"{len(bad)} module(s) {names[:5]}; used the least-squares "
+                  f"minimum-norm solution", RuntimeWarning, stacklevel=3)
+
+
+def sftm_stack(b, a, gamma: float = 1.0, rtol: float = DEFAULT_RTOL, modules=None):
+  """SFTM over a stack b [L, n, out, r], a [L, n, r, in]; warns where the system is singular.
+
+  Returns (b_m [L, out, n m], a_m [L, n m, in], alpha [L, n, m]).
+  """
+  b, a = jnp.asarray(b), jnp.asarray(a)
+  _check_factors(b, a, ndim=4)
+  b_m, a_m, alpha, deficient = _sftm_stack(b, a, gamma=gamma, rtol=rtol)
+  _warn_singular(deficient, modules)
+  return b_m, a_m, alpha
+
+
+def sftm_dense_stack(delta, eta: float = 1.0, gamma: float = 1.0,
+                     rtol: float = DEFAULT_RTOL, modules=None):
+  """SFTM over dense updates [L, n, out, in]; returns (update [L, out, in], alpha)."""
+  delta = jnp.asarray(delta)
+  if delta.ndim != 4:
+    raise ValueError(f"sftm_dense_stack needs delta [L, n, out, in]; got shape {delta.shape}")
+  update, alpha, deficient = _sftm_dense_stack(delta, eta=eta, gamma=gamma, rtol=rtol)
+  _warn_singular(deficient, modules)
+  return update, alpha

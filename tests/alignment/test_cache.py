@@ -1,0 +1,131 @@
+"""Save the alignment once (Orbax), restore it, merge: the same result as the original."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import knots_jax
+from knots_jax.alignment import cache as cache_lib
+from knots_jax.cli import main
+from knots_jax.parallel import sharding
+from tests import synthetic
+
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
+MERGE_CONFIG = os.path.join(REPO, "configs", "merge.py")
+NLI_CONFIG = os.path.join(REPO, "configs", "llama3_8b_nli.py")
+
+
+def _assert_same(a, b):
+  assert a.module_names == b.module_names
+  for x, y in zip(a.stacks, b.stacks):
+    np.testing.assert_array_equal(np.asarray(x.b), np.asarray(y.b))
+    np.testing.assert_array_equal(np.asarray(x.a), np.asarray(y.a))
+
+
+@pytest.fixture(scope="module")
+def adapters():
+  return synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
+
+
+@pytest.mark.parametrize("concat", ["columns", "rows"])
+def test_restored_alignment_merges_like_the_original(adapters, concat, tmp_path):
+  original = knots_jax.align(adapters, concat=concat)
+  cache_lib.save_alignment(original, tmp_path / "ck")
+  restored = cache_lib.restore_alignment(tmp_path / "ck")
+  assert restored.settings == original.settings and restored.mesh is None
+  assert restored.adapters.names == adapters.names
+  for s, t in zip(original.aligned, restored.aligned):
+    assert s.modules == t.modules and s.transposed == t.transposed
+    for k in ("u", "s", "rep", "valid"):
+      np.testing.assert_array_equal(np.asarray(getattr(s, k)), np.asarray(getattr(t, k)))
+  for method, kw in [("knots_ties", dict(top_k=20, scaling=0.6)),
+                     ("knots_dare_ties", dict(top_k=100, drop_rate=0.3, seed=7))]:
+    _assert_same(knots_jax.merge(original, method, **kw), knots_jax.merge(restored, method, **kw))
+  # The rebuilt adapters carry the same task updates (scale folded into b).
+  for m in adapters.module_names:
+    for f, g in zip(adapters.factors(m), restored.adapters.factors(m)):
+      np.testing.assert_allclose(f.delta(), g.delta(), rtol=1e-5, atol=1e-6)  # scale folded in float32
+
+
+def test_restore_onto_a_mesh(adapters, tmp_path):
+  mesh = sharding.make_mesh(knots_jax.merging.orchestrate.jax.devices()[:1])
+  original = knots_jax.align(adapters, mesh=mesh)
+  cache_lib.save_alignment(original, tmp_path / "ck")
+  restored = cache_lib.restore_alignment(tmp_path / "ck", mesh=mesh)
+  assert restored.mesh is mesh
+  assert restored.aligned[0].rep.sharding.spec == sharding.stack_spec(4)
+  _assert_same(knots_jax.merge(original, "knots_ties", top_k=20),
+               knots_jax.merge(restored, "knots_ties", top_k=20))
+  # and the same checkpoint without a mesh
+  _assert_same(knots_jax.merge(original, "knots_ties", top_k=20),
+               knots_jax.merge(cache_lib.restore_alignment(tmp_path / "ck"), "knots_ties",
+                               top_k=20))
+
+
+def test_not_a_checkpoint_is_refused(adapters, tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(cache_lib.NotAnAlignmentCheckpoint, match="not a knots_jax alignment"):
+    cache_lib.restore_alignment(tmp_path / "empty")
+  (tmp_path / "fake" / "meta").mkdir(parents=True)
+  (tmp_path / "fake" / "arrays").mkdir()
+  with pytest.raises(ValueError, match="not a knots_jax alignment"):
+    cache_lib.restore_alignment(tmp_path / "fake")
+  with pytest.raises(ValueError, match="already exists"):
+    cache_lib.save_alignment(knots_jax.align(adapters), tmp_path / "empty")
+
+
+def test_cli_alignment_cache_computes_then_restores(tmp_path, capsys):
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  cache = tmp_path / "cache"
+  base = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+          "--config.progress=false", f"--config.alignment_cache={cache}", "--config.top_k=20"]
+  assert main.run(base + [f"--config.output={tmp_path / 'o1'}"]) == 0
+  out = capsys.readouterr().out
+  assert "computed, saved to" in out and cache.is_dir()
+  assert main.run(base + [f"--config.output={tmp_path / 'o2'}"]) == 0
+  assert f"restored from {cache}" in capsys.readouterr().out
+  summary = json.loads((tmp_path / "o2" / "knots_config.json").read_text())
+  assert summary["alignment_cache"]["source"] == "restored"
+  first = load_file(str(tmp_path / "o1" / "adapter" / "adapter_model.safetensors"))
+  second = load_file(str(tmp_path / "o2" / "adapter" / "adapter_model.safetensors"))
+  assert first.keys() == second.keys()
+  for k in first:
+    np.testing.assert_array_equal(first[k], second[k])
+  # other settings than the cache's are refused; a non-knots method too
+  assert main.run(base + ["--config.concat=rows"]) == 2
+  assert "was computed with" in capsys.readouterr().err
+  assert main.run(base + ["--config.method=ties"]) == 2
+  assert "knots_* methods" in capsys.readouterr().err
+  (tmp_path / "junk").mkdir()
+  assert main.run(base[:-2] + [f"--config.alignment_cache={tmp_path / 'junk'}"]) == 2
+  assert "not a knots_jax alignment checkpoint" in capsys.readouterr().err
+
+
+def test_cli_mesh_auto(tmp_path, capsys):
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  argv = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+          "--config.progress=false", "--config.mesh=auto"]
+  assert main.run(argv) == 0
+  assert "mesh" in capsys.readouterr().out
+  assert main.run(argv[:-1] + ["--config.mesh=bogus"]) == 2
+  assert "mesh must be" in capsys.readouterr().err
+
+
+def test_llama3_nli_config(tmp_path, capsys):
+  config = main.load_config(["--config", f"{NLI_CONFIG}:root=/ckpt"])
+  tasks = ["snli", "mnli", "sick", "qnli", "rte", "scitail"]
+  assert config.adapters.split(",") == [f"/ckpt/{t}" for t in tasks]
+  assert config.names.split(",") == tasks
+  assert config.method == "knots_ties" and config.top_k == 30.0
+  dare = main.load_config(["--config", f"{NLI_CONFIG}:root=/ckpt,method=knots_dare_ties"])
+  assert dare.method == "knots_dare_ties" and dare.top_k == 100.0 and dare.drop_rate == 0.1
+  given = main.load_config(["--config", f"{NLI_CONFIG}:root=/c,suffix=.pt,method=knots_dare_ties,"
+                                       "top_k=50"])
+  assert given.top_k == 50.0 and given.adapters.startswith("/c/snli.pt,")
+  assert main.run(["merge", "--config", NLI_CONFIG]) == 2
+  err = capsys.readouterr().err
+  assert "set root" in err and "root=/path/to/adapters" in err

@@ -1,0 +1,188 @@
+"""Core Space merging (Panariello et al., NeurIPS 2025) against float64 NumPy
+references (tests/reference.py: the authors' unpadded cores, merged with the
+same TA / TIES / DARE / TSV-M / Iso functions), with heterogeneous ranks."""
+
+import numpy as np
+import pytest
+
+from knots_jax.alignment import core_space, decompose
+from knots_jax.merging import orchestrate
+from knots_jax.methods import entrywise
+from tests import reference, synthetic
+
+RANKS = (2, 3, 4)
+# q: sum of ranks 9 < out, in; k: out = 6 < 9, so U_B has only 6 directions.
+WIDE = {f"model.layers.{l}.self_attn.q_proj": (40, 30) for l in range(2)}
+
+
+@pytest.fixture(scope="module")
+def adapters():
+  return synthetic.adapter_set(ranks=RANKS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cores(adapters):
+  return [core_space.project_stack(f.modules, f.b, f.a, dtype=np.float64)
+          for f in decompose.factor_alignment(adapters, "float64").factors]
+
+
+def _factors(adapters):
+  return reference.lora_factors(adapters)
+
+
+def _deltas(adapters):
+  return reference.factor_deltas(reference.lora_factors(adapters))
+
+
+def _dare_masks(cores, seed, drop_rate):
+  """The keep masks the JAX code draws on the padded cores, cut to the authors' shapes."""
+  masks = {}
+  for c in cores:
+    L, n, kb, ka = c.cores.shape
+    keep = np.asarray(entrywise.dare_keep_mask(orchestrate.stack_key(seed, c.modules),
+                                             (L, n, kb * ka, 1), drop_rate)).reshape(L, n, kb, ka)
+    for l, m in enumerate(c.modules):
+      rows, cols = core_space.core_sizes(c)[l]
+      masks[m] = keep[l][:, :rows, :cols]
+  return masks
+
+
+def _close(result, expected, rtol=1e-9):
+  for m, exp in expected.items():
+    np.testing.assert_allclose(result.delta(m), exp, atol=rtol * np.abs(exp).max(), err_msg=m)
+
+
+# ------------------------------------------------------------- the projection
+
+
+def test_projection_is_lossless_with_heterogeneous_ranks(adapters, cores):
+  deltas = _deltas(adapters)
+  for c in cores:
+    L, n, kb, ka = c.cores.shape
+    for i in range(n):
+      b, a = core_space.reconstruct(c, c.cores[:, i])
+      for l, m in enumerate(c.modules):
+        np.testing.assert_allclose(np.asarray(b[l] @ a[l]), deltas[m][i],
+                                   atol=1e-12 * np.abs(deltas[m][i]).max())
+
+
+def test_core_sizes_are_the_authors(adapters, cores):
+  """min(out, sum r_i) x min(sum r_i, in) valid rows / columns; zero outside them."""
+  for c in cores:
+    out, inp = c.u_b.shape[1], c.v_a.shape[1]
+    assert c.cores.shape[2:] == (min(out, 3 * 4), min(3 * 4, inp))   # padded: n * max rank
+    sizes = core_space.core_sizes(c)
+    np.testing.assert_array_equal(sizes, [[min(out, 9), min(9, inp)]] * len(c.modules))
+    np.testing.assert_array_equal(np.asarray(c.rank), np.min(sizes, axis=1))
+    valid = np.asarray(c.entry_valid).reshape(c.cores.shape[:1] + (1,) + c.cores.shape[2:])
+    assert np.all(np.asarray(c.cores)[np.broadcast_to(~valid, c.cores.shape)] == 0)
+    # Orthonormal reference bases on their valid columns.
+    for l in range(len(c.modules)):
+      u = np.asarray(c.u_b[l])[:, np.asarray(c.valid_b[l])]
+      v = np.asarray(c.v_a[l])[:, np.asarray(c.valid_a[l])]
+      np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
+      np.testing.assert_allclose(v.T @ v, np.eye(v.shape[1]), atol=1e-12)
+
+
+def test_cores_equal_the_authors_cores_up_to_signs(adapters, cores):
+  factors = _factors(adapters)
+  for c in cores:
+    for l, m in enumerate(c.modules):
+      u_ref, v_ref, ref = reference.core_decompose(*factors[m])
+      rows, cols = ref.shape[1:]
+      u, v = np.asarray(c.u_b[l])[:, :rows], np.asarray(c.v_a[l])[:, :cols]
+      # The same basis vectors up to one sign each: ours = D_b ref D_a for every task.
+      d_b, d_a = np.sign(np.sum(u * u_ref, 0)), np.sign(np.sum(v * v_ref, 0))
+      np.testing.assert_allclose(u, u_ref * d_b, atol=1e-10)
+      np.testing.assert_allclose(v, v_ref * d_a, atol=1e-10)
+      ours = np.asarray(c.cores[l])[:, :rows, :cols]
+      np.testing.assert_allclose(ours, d_b[None, :, None] * ref * d_a[None, None, :], atol=1e-10)
+
+
+def test_bad_input_is_refused(cores):
+  with pytest.raises(ValueError, match="core space: need b"):
+    core_space.project_stack(("m",), np.zeros((1, 2, 4, 3)), np.zeros((1, 2, 2, 5)))
+  with pytest.raises(ValueError, match="one module name per"):
+    core_space.project_stack(("m",), np.zeros((2, 2, 4, 3)), np.zeros((2, 2, 3, 5)))
+  with pytest.raises(ValueError, match="merged cores must have shape"):
+    core_space.reconstruct(cores[0], np.zeros((1, 2, 3)))
+
+
+# ------------------------------------------------------------------- merging
+
+
+def test_core_ta_equals_ta(adapters):
+  ta = orchestrate.merge(adapters, "ta", scaling=0.7, dtype="float64")
+  core = orchestrate.merge(adapters, "core_ta", scaling=0.7, dtype="float64")
+  assert core.is_factored and core.stats["core_size"] == {"min": 6, "max": 9}
+  assert core.stats["output_rank"] == 3 * 4
+  for m, d in _deltas(adapters).items():
+    np.testing.assert_allclose(core.delta(m), 0.7 * d.sum(0), atol=1e-12 * np.abs(d).max())
+    np.testing.assert_allclose(core.delta(m), ta.delta(m), atol=1e-12 * np.abs(d).max())
+
+
+ENTRYWISE = [("core_mean", "model", 20), ("core_dare", "model", 20),
+             *[(m, scope, k) for m in ("core_ties", "core_dare_ties")
+               for scope in ("model", "layer") for k in (20, 100)]]
+
+
+@pytest.mark.parametrize("method,scope,top_k", ENTRYWISE)
+def test_entrywise_core_methods_match_reference(adapters, cores, method, scope, top_k):
+  kw = dict(scaling=0.6, top_k=top_k, drop_rate=0.4, top_k_scope=scope)
+  result = orchestrate.merge(adapters, method, seed=5, dtype="float64", **kw)
+  masks = _dare_masks(cores, 5, 0.4) if "dare" in method else None
+  expected = reference.core_merge(_factors(adapters), method, keep_masks=masks, **kw)
+  assert result.is_factored
+  _close(result, expected)
+
+
+@pytest.mark.parametrize("method", ["core_tsv_m", "core_iso_c", "core_iso_cts"])
+@pytest.mark.parametrize("shapes", [None, WIDE], ids=["small", "wide"])
+def test_spectral_core_methods_match_reference(method, shapes):
+  adapters = synthetic.adapter_set(ranks=RANKS, seed=2, shapes=shapes)
+  result = orchestrate.merge(adapters, method, scaling=0.9, dtype="float64")
+  expected = reference.core_merge(_factors(adapters), method, scaling=0.9)
+  assert result.is_factored
+  _close(result, expected)
+
+
+def test_invariant_methods_are_equal_in_full_and_core_space():
+  """Iso-C and Iso-CTS only see singular values and (rotated) singular vectors:
+  the core projection is an isometry on the span of every update, so they agree
+  exactly. TSV-M agrees only when both keep all components; with 40 x 30
+  modules the full-space default keeps min(out, in) // n = 10 per task, the
+  core space sum(r_i) // n = 3, which truncates the rank-4 task."""
+  adapters = synthetic.adapter_set(ranks=RANKS, seed=2, shapes=WIDE)
+  for full, core in [("iso_c", "core_iso_c"), ("iso_cts", "core_iso_cts"), ("tsv_m", "core_tsv_m")]:
+    a = orchestrate.merge(adapters, full, scaling=0.9, dtype="float64")
+    b = orchestrate.merge(adapters, core, scaling=0.9, dtype="float64")
+    for m in adapters.module_names:
+      gap = np.linalg.norm(a.delta(m) - b.delta(m)) / np.linalg.norm(a.delta(m))
+      assert (gap > 1e-3) if full == "tsv_m" else (gap < 1e-10), (full, gap)
+
+
+def test_core_ties_is_its_own_method(adapters):
+  """TIES acts entry by entry, so the basis matters: full, KnOTS and core TIES differ."""
+  results = {m: orchestrate.merge(adapters, m, top_k=20, dtype="float64")
+             for m in ("ties", "knots_ties", "core_ties")}
+  m = adapters.module_names[0]
+  core = results["core_ties"].delta(m)
+  for other in ("ties", "knots_ties"):
+    assert np.linalg.norm(results[other].delta(m) - core) > 1e-3 * np.linalg.norm(core)
+
+
+def test_core_dare_is_deterministic_given_a_seed(adapters):
+  a = orchestrate.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
+  b = orchestrate.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
+  c = orchestrate.merge(adapters, "core_dare_ties", seed=4, drop_rate=0.5, dtype="float64")
+  m = adapters.module_names[0]
+  np.testing.assert_array_equal(a.delta(m), b.delta(m))
+  assert np.linalg.norm(c.delta(m) - a.delta(m)) > 1e-3 * np.linalg.norm(a.delta(m))
+
+
+def test_float32_default_close_to_float64(adapters):
+  f32 = orchestrate.merge(adapters, "core_ties", top_k=20)
+  f64 = orchestrate.merge(adapters, "core_ties", top_k=20, dtype="float64")
+  for m in adapters.module_names:
+    ref = f64.delta(m)
+    assert np.linalg.norm(f32.delta(m) - ref) / np.linalg.norm(ref) < 1e-3
