@@ -37,5 +37,5 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["knots-jax=knots_jax.cli:run"]},
+    entry_points={"console_scripts": ["knots-jax=knots_jax.cli.main:run"]},
 )
