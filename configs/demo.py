@@ -10,7 +10,7 @@ the merged dense weights go to outputs/demo_merged/ (replaced on every run).
 import os
 
 from knots_jax.io import config_args
-from knots_jax.merging import config as config_lib
+from knots_jax.pipeline import config as config_lib
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "demo")
 

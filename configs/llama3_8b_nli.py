@@ -27,7 +27,7 @@ optimum (which depends on the adapters): sweep them with one saved alignment,
 import os
 
 from knots_jax.io import config_args
-from knots_jax.merging import config as config_lib
+from knots_jax.pipeline import config as config_lib
 
 TASKS = ("snli", "mnli", "sick", "qnli", "rte", "scitail")   # the paper's six NLI tasks
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")    # LoRA targets (documentation)

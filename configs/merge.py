@@ -9,7 +9,7 @@ after the file name: `--config configs/merge.py:method=knots_dare_ties,top_k=100
 """
 
 from knots_jax.io import config_args
-from knots_jax.merging import config as config_lib
+from knots_jax.pipeline import config as config_lib
 
 
 def get_config(arg: str | None = None):

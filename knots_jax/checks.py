@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Callable, Iterable
 
 Check = Callable[[object], object]
@@ -142,3 +143,50 @@ def strings(value: object) -> tuple[str, ...]:
 def split_list(value: str) -> tuple[str, ...]:
   """`"a, b,,c"` -> `("a", "b", "c")`: the one parser of comma-separated lists."""
   return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def optional(check: Check) -> Check:
+  """None, or a value that passes `check` (JSON's null for "not set")."""
+  def check_optional(value: object) -> object:
+    return None if value is None else check(value)
+  return check_optional
+
+
+def list_of(check: Check) -> Check:
+  """A JSON list (list or tuple) whose every item passes `check`; returned as a tuple."""
+  def check_list(value: object) -> tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"must be a list, got {value!r}")
+    items = []
+    for i, item in enumerate(value):
+      try:
+        items.append(check(item))
+      except ValueError as e:
+        raise ValueError(f"item {i} {e}") from None
+    return tuple(items)
+  return check_list
+
+
+def mapping_of(check: Check) -> Check:
+  """A JSON object (dict with string keys) whose every value passes `check`."""
+  def check_mapping(value: object) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+      raise ValueError(f"must be an object of string keys, got {value!r}")
+    out = {}
+    for key, item in value.items():
+      try:
+        out[key] = check(item)
+      except ValueError as e:
+        raise ValueError(f"entry {key!r} {e}") from None
+    return out
+  return check_mapping
+
+
+def regex(value: object) -> str:
+  """A string that compiles as a Python regular expression."""
+  value = text(value)
+  try:
+    re.compile(value)
+  except re.error as e:
+    raise ValueError(f"must be a valid regular expression, got {value!r} ({e})") from None
+  return value

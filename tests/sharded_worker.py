@@ -47,8 +47,7 @@ def main(config: dict) -> None:
   jax.config.update("jax_enable_x64", True)   # as tests/conftest.py (computations stay float32)
   import numpy as np
 
-  from knots_jax.alignment import decompose
-  from knots_jax.merging import orchestrate
+  import knots_jax
   from knots_jax.methods import registry
   from knots_jax.parallel import sharding
 
@@ -61,19 +60,19 @@ def main(config: dict) -> None:
     method = registry.get_method(case["method"])
     start = time.perf_counter()
     if method.knots:
-      alignment = decompose.align(adapters, mesh=mesh, **case.get("align", {}))
+      alignment = knots_jax.align(adapters, mesh=mesh, **case.get("align", {}))
       rep = alignment.aligned[0].rep
       spec = tuple(rep.sharding.spec)
       seen = {"rep_shape": list(rep.shape), "rep_spec": str(rep.sharding.spec),
               "rep_axes": [spec[i] if i < len(spec) else None for i in range(rep.ndim)],
               "rep_devices": len(rep.sharding.device_set)}
-      result = orchestrate.merge(alignment, case["method"], **case["kwargs"])
+      result = knots_jax.merge(alignment, case["method"], **case["kwargs"])
     else:
       seen = {}
-      result = orchestrate.merge(adapters, case["method"], mesh=mesh, **case["kwargs"])
+      result = knots_jax.merge(adapters, case["method"], mesh=mesh, **case["kwargs"])
     first = time.perf_counter() - start
     start = time.perf_counter()
-    again = orchestrate.merge(alignment if method.knots else adapters, case["method"], mesh=mesh,
+    again = knots_jax.merge(alignment if method.knots else adapters, case["method"], mesh=mesh,
                           **case["kwargs"])
     for s in again.stacks:
       jax.block_until_ready(s.delta if s.delta is not None else s.a)
@@ -106,15 +105,15 @@ def main(config: dict) -> None:
 
 def _ingredients_round_trip(directory, alignment, case, mesh, info) -> dict:
   """Every process saves the alignment, restores it onto the mesh, merges again."""
+  import knots_jax
   from knots_jax.alignment import cache
-  from knots_jax.merging import orchestrate
   cache.save_alignment(alignment, directory)
   restored = cache.restore_alignment(directory, mesh=mesh)
   rep = restored.aligned[0].rep
   info["ingredients"] = {"rep_shape": list(rep.shape), "rep_spec": str(rep.sharding.spec),
                          "rep_local_shards": len(rep.addressable_shards),
                          "rep_fully_addressable": rep.is_fully_addressable}
-  result = orchestrate.merge(restored, case["method"], **case["kwargs"])
+  result = knots_jax.merge(restored, case["method"], **case["kwargs"])
   return {f"ingredients/{m}": d for m, d in result.deltas()}
 
 

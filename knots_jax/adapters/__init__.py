@@ -6,16 +6,4 @@
 * `stacks`: modules of equal shape grouped into `FactorStack`s `[L, n, ...]`.
 """
 
-from knots_jax.adapters.peft_files import (
-                                           Adapter,
-                                           AdapterError,
-                                           AdapterSet,
-                                           LoraFactors,
-                                           check_against_base,
-                                           load_adapter,
-                                           load_adapters,
-)
-from knots_jax.adapters.stacks import FactorStack, stack_adapters
-
-__all__ = ["Adapter", "AdapterError", "AdapterSet", "FactorStack", "LoraFactors",
-           "check_against_base", "load_adapter", "load_adapters", "stack_adapters"]
+__all__ = ["peft_files", "stacks"]

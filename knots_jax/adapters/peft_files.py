@@ -19,7 +19,13 @@ Only plain LoRA is accepted; everything else raises `AdapterError` naming the
 file and the module: other PEFT types, DoRA, embedding and conv LoRA, LoRA
 biases, other LoRA variants, a lora_A without lora_B, disagreeing inner
 dimensions, ranks that disagree with the config, NaN / inf values, modules
-outside `layers_to_transform`. Non-LoRA tensors of the adapter (modules_to_save,
+outside `layers_to_transform`. Every `adapter_config.json` field that is used is
+checked for its type and range (`_CONFIG_FIELDS`; the error names the file, the
+field and the value), every module's scale must be a finite non-zero float32,
+and `target_modules` must cover every module the tensors are for, as PEFT
+matches it (`_check_targets`): otherwise PEFT would load the adapter as a
+no-op on those modules. docs/reliability.md (## Adapter files) lists each
+refusal and its test. Non-LoRA tensors of the adapter (modules_to_save,
 trained biases) are kept in `Adapter.extra`, never dropped; the frozen base
 weights that a whole PEFT model's state dict also holds are not adapter tensors
 and are skipped. torch is imported only to read pickled files.
@@ -38,6 +44,8 @@ from typing import Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 import safetensors
+
+from knots_jax import checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,13 +317,33 @@ def _layer_index(module: str, layers_pattern: str | Sequence[str] | None) -> int
   return int(match.group("idx")) if match else None
 
 
+def _alpha(config: Mapping[str, object], module: str) -> float:
+  """lora_alpha of `module` (alpha_pattern first); PEFT's default is 8."""
+  return float(_pattern_value(config.get("alpha_pattern"), module,  # type: ignore[arg-type]
+                              config.get("lora_alpha", 8)))
+
+
 def lora_scale(config: Mapping[str, object], module: str, rank: int) -> float:
   """PEFT's scaling of `module`: alpha / r, or alpha / sqrt(r) with use_rslora."""
-  alpha = float(_pattern_value(config.get("alpha_pattern"), module,  # type: ignore[arg-type]
-                               config.get("lora_alpha", 8)))
+  alpha = _alpha(config, module)
   if config.get("use_rslora"):
     return alpha / math.sqrt(rank)
   return alpha / rank
+
+
+def _check_scale(config_path: str, module: str, scale: float, config: Mapping[str, object],
+                 rank: int) -> None:
+  """The scale must be a finite, non-zero float32 (the dtype the merge computes in)."""
+  with np.errstate(over="ignore", under="ignore"):
+    as_float32 = np.float32(scale)
+  if np.isfinite(as_float32) and as_float32 != 0:
+    return
+  rslora = bool(config.get("use_rslora"))
+  formula = (f"lora_alpha / {'sqrt(r)' if rslora else 'r'} = {_alpha(config, module):g} / "
+             f"{f'sqrt({rank})' if rslora else rank}")
+  raise AdapterError(
+      f"{config_path}: module `{module}`: the scale {formula} = {scale:g} is "
+      f"{'0' if as_float32 == 0 else 'inf'} in float32; fix lora_alpha / alpha_pattern")
 
 
 # -------------------------------------------------------------- key parsing
@@ -420,17 +448,167 @@ def _extra_name(name: str, key: str, adapter_name: str | None, lora: Mapping[str
 # ---------------------------------------------------------------- checks
 
 
+ALL_LINEAR = "all-linear"   # PEFT's shorthand for every linear module but the output layer
+_BIAS_MODES = ("none", "all", "lora_only")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _layer_indices(value: object) -> object:
+  """layers_to_transform: one layer index or a list of them (PEFT accepts both)."""
+  if isinstance(value, (list, tuple)):
+    return checks.list_of(checks.non_negative_int)(value)
+  try:
+    return checks.non_negative_int(value)
+  except ValueError:
+    raise ValueError(f"must be a non-negative integer or a list of them, got {value!r}") from None
+
+
+def _alpha_value(value: object) -> float:
+  """lora_alpha / an alpha_pattern value: positive, and finite in float32 (the merge's
+  dtype), so that 1e39 is refused like inf."""
+  value = checks.positive(value)
+  if value > _FLOAT32_MAX:
+    raise ValueError(f"must be a positive number float32 can hold (at most "
+                     f"{_FLOAT32_MAX:.3g}), got {value:g}")
+  return value
+
+
+def _module_spec(value: object) -> object:
+  """target_modules / exclude_modules: a list of module names, or one regex string."""
+  if isinstance(value, str):
+    return checks.regex(value)
+  if isinstance(value, (list, tuple)):
+    return checks.list_of(checks.text)(value)
+  raise ValueError(f"must be a list of module names or a regular expression string, "
+                   f"got {value!r}")
+
+
+def _layer_patterns(value: object) -> object:
+  """layers_pattern: one regex string or a list of them."""
+  if isinstance(value, (list, tuple)):
+    return checks.list_of(checks.regex)(value)
+  if isinstance(value, str):
+    return checks.regex(value)
+  raise ValueError(f"must be a string or a list of strings, got {value!r}")
+
+
+# The adapter_config.json fields this module reads, each checked when present (a
+# missing field takes PEFT's default). lora_alpha and r have no null in PEFT.
+_CONFIG_FIELDS: dict[str, checks.Check] = {
+    "peft_type": checks.optional(checks.text),
+    "r": checks.positive_int,
+    "lora_alpha": _alpha_value,
+    "use_rslora": checks.optional(checks.boolean),
+    "rank_pattern": checks.optional(checks.mapping_of(checks.positive_int)),
+    "alpha_pattern": checks.optional(checks.mapping_of(_alpha_value)),
+    "layers_to_transform": checks.optional(_layer_indices),
+    "layers_pattern": checks.optional(_layer_patterns),
+    "target_modules": checks.optional(_module_spec),
+    "exclude_modules": checks.optional(_module_spec),
+    "fan_in_fan_out": checks.optional(checks.boolean),
+    "bias": checks.optional(checks.one_of(_BIAS_MODES)),
+    "modules_to_save": checks.optional(checks.list_of(checks.regex)),
+    "base_model_name_or_path": checks.optional(checks.text),
+    "use_dora": checks.optional(checks.boolean),
+    "lora_bias": checks.optional(checks.boolean),
+    "use_qalora": checks.optional(checks.boolean),
+}
+
+
+def _field(path: str, name: str, check: checks.Check, value: object) -> object:
+  """`check(value)` of config field `name`; a failure is an AdapterError naming the file."""
+  try:
+    return checks.named(name, check, value)
+  except ValueError as e:
+    raise AdapterError(f"{path}: {e}; fix `{name}` in the adapter config") from None
+
+
 def _check_config(path: str, config: Mapping[str, object]) -> None:
-  peft_type = str(config.get("peft_type", "LORA")).upper()
+  """The fields of an adapter_config.json: types, ranges and PEFT's combination rules."""
+  _field(path, "peft_type", _CONFIG_FIELDS["peft_type"], config.get("peft_type"))
+  peft_type = str(config.get("peft_type") or "LORA").upper()
   if peft_type != "LORA":
     raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters "
                        "can be merged")
+  for name, check in _CONFIG_FIELDS.items():
+    if name in config:
+      _field(path, name, check, config[name])
+  for name in ("rank_pattern", "alpha_pattern"):
+    for key in config.get(name) or {}:  # type: ignore[union-attr]
+      _field(path, f"{name} key", checks.regex, key)
   for field, what in _UNSUPPORTED_FIELDS.items():
     if config.get(field):
       raise AdapterError(f"{path}: {what} is not supported")
   if config.get("lora_bias"):
     raise AdapterError(f"{path}: LoRA bias (lora_bias=true) is not supported: its update is "
                        "not B @ A")
+  targets = config.get("target_modules")
+  if targets is None:
+    raise AdapterError(
+        f"{path}: target_modules is missing or null: PEFT would then adapt its default "
+        "modules for the model type, not necessarily those the tensors are for; set "
+        "target_modules to the names of the adapted modules (e.g. [\"q_proj\", \"v_proj\"])")
+  if isinstance(targets, str):
+    for name in ("layers_to_transform", "layers_pattern"):
+      if config.get(name) is not None:
+        raise AdapterError(
+            f"{path}: {name}={config[name]!r} cannot be used with a regular-expression "
+            f"target_modules ({targets!r}); PEFT refuses this config. Put the layers into the "
+            "regex and set the field to null, or make target_modules a list of names")
+  if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+    raise AdapterError(f"{path}: layers_pattern={config['layers_pattern']!r} is set without "
+                       "layers_to_transform; PEFT refuses this config. Set layers_to_transform "
+                       "or set layers_pattern to null")
+
+
+def _name_matches(spec: str | Sequence[str], module: str) -> bool:
+  """PEFT's match of a module path against target_modules / exclude_modules: a string
+  is a regex matched with re.fullmatch; a list entry matches the path itself or its end
+  after a dot."""
+  if isinstance(spec, str):
+    return re.fullmatch(spec, module) is not None
+  return module in spec or any(module.endswith(f".{name}") for name in spec)
+
+
+def _targeted(targets: str | Sequence[str], module: str) -> bool:
+  """Whether target_modules names `module` (`"all-linear"`: every linear module)."""
+  if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+    return True
+  return _name_matches(targets, module)
+
+
+def _check_targets(config_path: str, weights_path: str, modules: Iterable[str],
+                   config: Mapping[str, object]) -> None:
+  """Every module with LoRA tensors is one PEFT would adapt under this config.
+
+  PEFT creates LoRA layers where target_modules points, not where the tensors are;
+  a tensor of a module it does not target is dropped, so the adapter loads as a
+  no-op there. Layer indices (layers_to_transform) are checked by `_check_layers`.
+  """
+  modules = sorted(modules)
+  targets = config["target_modules"]
+  missed = [m for m in modules if not _targeted(targets, m)]  # type: ignore[arg-type]
+  if missed:
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    raise AdapterError(
+        f"{config_path}: target_modules={targets!r} does not cover {len(missed)} of the "
+        f"{len(modules)} module(s) that {os.path.basename(weights_path)} has LoRA tensors for: "
+        f"{_listing(missed)}; PEFT would load the adapter without them. Set target_modules "
+        f"to the adapted modules (e.g. {names})")
+  excluded = collections.defaultdict(list)
+  for module in modules:
+    exclude = config.get("exclude_modules")
+    if exclude and _name_matches(exclude, module):  # type: ignore[arg-type]
+      excluded["exclude_modules"].append(module)
+    saved = config.get("modules_to_save") or ()
+    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in saved):  # type: ignore[union-attr]
+      excluded["modules_to_save"].append(module)
+  if excluded:
+    field, names = next(iter(excluded.items()))
+    raise AdapterError(
+        f"{config_path}: {field}={config[field]!r} excludes {len(names)} module(s) that "
+        f"{os.path.basename(weights_path)} has LoRA tensors for: {_listing(names)}; PEFT "
+        f"would not adapt them. Remove them from {field}")
 
 
 def _check_finite(path: str, tensors: Mapping[str, np.ndarray]) -> None:
@@ -441,8 +619,9 @@ def _check_finite(path: str, tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def _factors(path: str, module: str, a: np.ndarray, b: np.ndarray,
-             config: Mapping[str, object]) -> LoraFactors:
-  """Checked LoRA factors of one module with PEFT's scale."""
+             config: Mapping[str, object], config_path: str) -> LoraFactors:
+  """Checked LoRA factors of one module with PEFT's scale (errors in the config name
+  `config_path`, errors in the tensors `path`)."""
   if a.ndim == 4 or b.ndim == 4:
     raise AdapterError(f"{path}: module `{module}`: conv LoRA (4-D lora_A {a.shape}) is not "
                        "supported")
@@ -458,7 +637,9 @@ def _factors(path: str, module: str, a: np.ndarray, b: np.ndarray,
   if int(expected) != rank:  # type: ignore[call-overload]
     raise AdapterError(f"{path}: module `{module}`: the tensors have rank {rank} but the config "
                        f"says r={expected} (r / rank_pattern)")
-  return LoraFactors(a=a, b=b, scale=lora_scale(config, module, rank))
+  scale = lora_scale(config, module, rank)
+  _check_scale(config_path, module, scale, config, rank)
+  return LoraFactors(a=a, b=b, scale=scale)
 
 
 def _check_layers(path: str, modules: Iterable[str], config: Mapping[str, object]) -> None:
@@ -466,10 +647,10 @@ def _check_layers(path: str, modules: Iterable[str], config: Mapping[str, object
   layers = config.get("layers_to_transform")
   if layers is None or (isinstance(layers, list) and not layers):
     return
-  if isinstance(layers, int):
-    allowed = {layers}
+  if isinstance(layers, (list, tuple)):
+    allowed = {int(x) for x in layers}
   else:
-    allowed = {int(x) for x in layers}  # type: ignore[union-attr]
+    allowed = {int(layers)}  # type: ignore[call-overload]
   pattern = config.get("layers_pattern")
   for module in sorted(modules):
     index = _layer_index(module, pattern)  # type: ignore[arg-type]
@@ -547,8 +728,11 @@ def load_adapter(path: str, name: str | None = None) -> Adapter:
   if config is None:
     config = _synthesized_config(
         {m: tensors[p["A"]] for m, p in parsed.lora.items()}, parsed.extra)
+  else:
+    _check_targets(config_path, weights_path, parsed.lora, config)  # type: ignore[arg-type]
   _check_layers(weights_path, parsed.lora, config)
-  modules = {m: _factors(weights_path, m, tensors[p["A"]], tensors[p["B"]], config)
+  modules = {m: _factors(weights_path, m, tensors[p["A"]], tensors[p["B"]], config,
+                         config_path or weights_path)
              for m, p in sorted(parsed.lora.items())}
   extra = {k: tensors[key] for k, key in sorted(parsed.extra.items())}
   return Adapter(path=path, name=name or _default_name(path), config=config,

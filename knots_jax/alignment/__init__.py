@@ -7,7 +7,4 @@
 * `cache`: an `Alignment` saved with Orbax and restored onto any mesh.
 """
 
-from knots_jax.alignment.decompose import Alignment, align, compute_dtype
-from knots_jax.alignment.knots_svd import AlignedStack
-
-__all__ = ["AlignedStack", "Alignment", "align", "compute_dtype"]
+__all__ = ["cache", "core_space", "decompose", "knots_svd"]

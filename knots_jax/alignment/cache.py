@@ -44,8 +44,8 @@ adapters) are read whole by every process.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Mapping
 
 import jax
 import numpy as np
@@ -55,6 +55,7 @@ from knots_jax.adapters.peft_files import Adapter, AdapterSet, LoraFactors
 from knots_jax.adapters.stacks import FactorStack
 from knots_jax.alignment import knots_svd
 from knots_jax.alignment.decompose import Alignment
+from knots_jax.io import output_dir
 from knots_jax.parallel import sharding
 
 FORMAT = "knots_jax.alignment"
@@ -67,17 +68,6 @@ class NotAnAlignmentCheckpoint(ValueError):
 
 def _host(x, length: int) -> np.ndarray:
   return np.asarray(sharding.to_host(x))[:length]
-
-
-def _jsonable(value):
-  """adapter_config values as JSON (tuples/sets to lists, numpy scalars to Python)."""
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple, set)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
 
 
 def save_alignment(alignment: Alignment, directory: str, *, overwrite: bool = False) -> str:
@@ -105,19 +95,56 @@ def save_alignment(alignment: Alignment, directory: str, *, overwrite: bool = Fa
             "extra": [[np.asarray(ad.extra[k]) for k in keys] for ad, keys in zip(ads, extra_keys)]}
   meta = {
       "format": FORMAT, "version": VERSION,
-      "settings": _jsonable(dict(alignment.settings)),
+      "settings": output_dir.to_jsonable(dict(alignment.settings)),
       "seconds": float(alignment.seconds),
       "aligned": [{"modules": list(s.modules), "transposed": bool(s.transposed)}
                   for s in alignment.aligned],
       "factors": [{"modules": list(f.modules)} for f in alignment.factors],
-      "adapters": [{"path": ad.path, "name": ad.name, "config": _jsonable(dict(ad.config)),
+      "adapters": [{"path": ad.path, "name": ad.name, "config": output_dir.to_jsonable(dict(ad.config)),
                     "extra": keys} for ad, keys in zip(ads, extra_keys)],
+      "digest": content_digest(alignment.adapters),
   }
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(directory, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                             meta=ocp.args.JsonSave(meta)),
               force=overwrite)
   return directory
+
+
+def content_digest(adapters: AdapterSet) -> str:
+  """SHA-256 of what the alignment is computed from: every adapter's name, modules, factors
+  and scales, and its non-LoRA tensors. Two adapter sets with the same digest align alike."""
+  h = hashlib.sha256()
+  for ad in adapters.adapters:
+    h.update(f"adapter {ad.name}\n".encode())
+    for module in sorted(ad.modules):
+      f = ad.modules[module]
+      h.update(f"{module} {f.a.shape} {f.b.shape} {float(f.scale)!r}\n".encode())
+      h.update(np.ascontiguousarray(f.a, np.float32).tobytes())
+      h.update(np.ascontiguousarray(f.b, np.float32).tobytes())
+    for key in sorted(ad.extra):
+      h.update(f"extra {key} {np.shape(ad.extra[key])}\n".encode())
+      h.update(np.ascontiguousarray(ad.extra[key]).tobytes())
+  return h.hexdigest()
+
+
+def stale_reason(directory: str, adapters: AdapterSet, settings: dict) -> str | None:
+  """Why the cache in `directory` cannot serve these adapters and settings (None: it can).
+
+  The cache is keyed on the content of the adapters (`content_digest`), not their
+  paths: a file replaced at the same path makes it stale. Raises
+  NotAnAlignmentCheckpoint if `directory` is not an alignment cache at all.
+  """
+  meta = read_meta(directory)
+  if meta.get("digest") != content_digest(adapters):
+    return "the adapters' contents differ from those it was computed from"
+  wanted = {k: float(v) if k == "tol" else v for k, v in settings.items()}
+  saved = {k: meta["settings"].get(k) for k in wanted}
+  if saved.get("path") == "core":
+    saved["path"] = "factors"   # the old name of the path
+  if saved != wanted:
+    return f"it was computed with {saved}, this run asks for {wanted}"
+  return None
 
 
 def read_meta(directory: str) -> dict:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from knots_jax.parallel.programs import per_stack
+
 DEFAULT_RTOL = 1e-5
 
 
@@ -86,9 +88,9 @@ def core_matrices(b: jax.Array, a: jax.Array, u_b: jax.Array, v_a: jax.Array) ->
   return jnp.einsum("ok,nor->nkr", u_b, b) @ jnp.einsum("nri,ic->nrc", a, v_a)
 
 
-_basis_b_stack = jax.jit(jax.vmap(basis_b, in_axes=(0, None)), static_argnums=1)
-_basis_a_stack = jax.jit(jax.vmap(basis_a, in_axes=(0, None)), static_argnums=1)
-_cores_stack = jax.jit(jax.vmap(core_matrices))
+_basis_b_stack = per_stack(basis_b, static_argnames=("rtol",))
+_basis_a_stack = per_stack(basis_a, static_argnames=("rtol",))
+_cores_stack = per_stack(core_matrices)
 
 
 def project_stack(modules, b, a, *, rtol: float = DEFAULT_RTOL, dtype=jnp.float32) -> CoreStack:
@@ -104,8 +106,8 @@ def project_stack(modules, b, a, *, rtol: float = DEFAULT_RTOL, dtype=jnp.float3
   if len(modules) != b.shape[0]:
     raise ValueError(f"core space: need one module name per stacked module ({b.shape[0]}); "
                      f"got {len(modules)}")
-  u_b, valid_b = _basis_b_stack(b, rtol)
-  v_a, valid_a = _basis_a_stack(a, rtol)
+  u_b, valid_b = _basis_b_stack(b, rtol=rtol)
+  v_a, valid_a = _basis_a_stack(a, rtol=rtol)
   return CoreStack(tuple(modules), u_b, v_a, _cores_stack(b, a, u_b, v_a), valid_b, valid_a)
 
 

@@ -1,8 +1,7 @@
-"""KnOTS-X and X: alignment, a merging method, and reconstruction.
+"""`align`: the joint decomposition of every stack of an `AdapterSet`, computed once.
 
-`align` computes the joint decomposition once; `merge` applies a method to it
-(or to the dense task updates for the baselines) and returns a `MergeResult`.
-A sweep calls `merge` many times on one `Alignment`:
+`merge` applies a method to it; a sweep calls `merge` many times on one
+`Alignment`:
 
   >>> adapters = load_adapters(["a/", "b/", "c/"])
   >>> alignment = align(adapters)
@@ -23,6 +22,7 @@ import numpy as np
 from knots_jax.adapters.peft_files import AdapterSet
 from knots_jax.adapters.stacks import FactorStack, stack_adapters
 from knots_jax.alignment import knots_svd
+from knots_jax.methods.options import MergeConfig
 from knots_jax.parallel import sharding
 
 
@@ -49,7 +49,7 @@ def compute_dtype(name: str):
 def align(
     adapters: AdapterSet,
     *,
-    path: str = "core",
+    path: str = "factors",
     concat: str = "columns",
     tol: float = knots_svd.DEFAULT_TOL,
     dtype: str = "float32",
@@ -60,8 +60,9 @@ def align(
 
   Args:
     adapters: from `load_adapters`.
-    path: "core" (QR + SVD of the small core, from the factors) or "dense"
-      (SVD of the concatenated dense updates; the reference).
+    path: "factors" (QR + the SVD of a small matrix, from the LoRA factors;
+      "core" is its old name) or "dense" (SVD of the concatenated dense
+      updates; the reference).
     concat: "columns" ([dW_1, ..., dW_n], the paper) or "rows" (ablation).
     tol: components with singular value <= tol are dropped, as in the reference.
     dtype: "float32" or "float64" (needs jax x64).
@@ -69,10 +70,10 @@ def align(
     mesh: from `sharding.make_mesh()`: the stacks are placed sharded over the
       stack axis (zero-padded to a multiple of the mesh size) before the
       jitted kernels; see docs/sharding.md.
+  The options are checked as `MergeConfig` checks them (ValueError naming the option).
   """
-  if concat not in ("columns", "rows"):
-    raise ValueError(f"concat must be `columns` or `rows`, got `{concat}`")
-  dt = compute_dtype(dtype)
+  options = MergeConfig(method="knots_ta", path=path, concat=concat, tol=tol, dtype=dtype)
+  dt = compute_dtype(options.dtype)
   start = time.perf_counter()
   factors = tuple(stack_adapters(adapters, dtype=_host_dtype(dt)))
   aligned = []
@@ -85,10 +86,11 @@ def align(
       if mesh is not None:
         b, a = sharding.place_stack(b, mesh, dt), sharding.place_stack(a, mesh, dt)
       aligned.append(knots_svd.align_stack(
-          f.modules, b, a, path=path, rows=concat == "rows", tol=tol, dtype=dt))
+          f.modules, b, a, path=options.path, rows=options.concat == "rows", tol=options.tol,
+          dtype=dt))
       jax.block_until_ready(aligned[-1].rep)
       bar.update(len(f.modules))
-  settings = dict(path=path, concat=concat, tol=tol, dtype=str(dt))
+  settings = dict(path=options.path, concat=options.concat, tol=options.tol, dtype=str(dt))
   return Alignment(adapters, factors, tuple(aligned), settings, time.perf_counter() - start,
                    mesh=mesh)
 

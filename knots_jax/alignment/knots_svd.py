@@ -2,10 +2,10 @@
 
 Two ways to get it, with the same result up to the signs of singular vectors:
 
-* `align_core` works from the LoRA factors. `[B_1 A_1, ..., B_n A_n]` equals
+* `align_from_factors` works from the LoRA factors. `[B_1 A_1, ..., B_n A_n]` equals
   `Q_B (R_B blockdiag(R_A1^T, ...)) blockdiag(Q_A1, ...)^T` with QRs of
-  `B_cat` and of every `A_i^T`, so only the small (n r) x (n r) core needs an
-  SVD: O((out + n in) (n r)^2) per module instead of a dense SVD.
+  `B_cat` and of every `A_i^T`, so only the small (n r) x (n r) middle matrix
+  needs an SVD: O((out + n in) (n r)^2) per module instead of a dense SVD.
 * `align_dense` runs the SVD of the concatenated dense updates: the reference,
   and the path for full fine-tuned task vectors that have no factors.
 
@@ -19,11 +19,12 @@ computation on the transposed updates.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from knots_jax.parallel.programs import per_stack
 
 DEFAULT_TOL = 1e-5
 
@@ -48,8 +49,8 @@ class AlignedStack:
     return np.asarray(jnp.sum(self.valid, axis=-1))
 
 
-def core_rank(n: int, r: int, out: int, inp: int) -> int:
-  """Number of components of the core decomposition of one module."""
+def joint_rank(n: int, r: int, out: int, inp: int) -> int:
+  """Number of components of the joint decomposition of one module (from the factors)."""
   return min(min(out, n * r), n * min(inp, r))
 
 
@@ -64,12 +65,12 @@ def _qr_a(a: jax.Array):
   return jnp.linalg.qr(jnp.swapaxes(a, 1, 2))
 
 
-def _core_svd(q_b, r_b, q_a, r_a, tol: float):
-  """SVD of the core R_B blockdiag(R_A1^T, ...), mapped back to U, S, diag(S) V_i^T."""
+def _small_svd(q_b, r_b, q_a, r_a, tol: float):
+  """SVD of the small R_B blockdiag(R_A1^T, ...), mapped back to U, S, diag(S) V_i^T."""
   n, _, q = q_a.shape
   p, nr = r_b.shape
-  core = jnp.einsum("pnr,nqr->pnq", r_b.reshape(p, n, nr // n), r_a).reshape(p, n * q)
-  u_c, s, vt_c = jnp.linalg.svd(core, full_matrices=False)  # [p, K], [K], [K, n q]
+  small = jnp.einsum("pnr,nqr->pnq", r_b.reshape(p, n, nr // n), r_a).reshape(p, n * q)
+  u_c, s, vt_c = jnp.linalg.svd(small, full_matrices=False)  # [p, K], [K], [K, n q]
   u = q_b @ u_c
   vt = jnp.einsum("knq,niq->nki", vt_c.reshape(-1, n, q), q_a)
   valid = s > tol
@@ -77,7 +78,7 @@ def _core_svd(q_b, r_b, q_a, r_a, tol: float):
   return u, s, rep, valid
 
 
-def align_core(b: jax.Array, a: jax.Array, tol: float = DEFAULT_TOL):
+def align_from_factors(b: jax.Array, a: jax.Array, tol: float = DEFAULT_TOL):
   """Joint decomposition of one module from its factors.
 
   Args:
@@ -88,14 +89,14 @@ def align_core(b: jax.Array, a: jax.Array, tol: float = DEFAULT_TOL):
   Returns:
     u [out, K], s [K], rep [n, K, in] (diag(s) V_i^T, zero where invalid), valid [K].
   """
-  return _core_svd(*_qr_b(b), *_qr_a(a), tol)
+  return _small_svd(*_qr_b(b), *_qr_a(a), tol)
 
 
 def align_dense(delta: jax.Array, tol: float = DEFAULT_TOL, max_rank: int | None = None):
   """Joint decomposition of one module from dense task updates [n, out, in].
 
   `max_rank` keeps only the leading components (for LoRA updates the rank is at
-  most n r, and keeping the same count as `align_core` makes the two
+  most n r, and keeping the same count as `align_from_factors` makes the two
   representations line up entry by entry).
   """
   n, out, inp = delta.shape
@@ -109,21 +110,17 @@ def align_dense(delta: jax.Array, tol: float = DEFAULT_TOL, max_rank: int | None
   return u, s, rep, valid
 
 
-# The core path runs as three jitted programs, each with one LAPACK call. On the
+# The factors path runs as three jitted programs, each with one LAPACK call. On the
 # CPU backend of jaxlib 0.10, one program holding two independent QRs (which
 # XLA may run concurrently) was seen to deadlock with no CPU use.
-_qr_b_stack = jax.jit(jax.vmap(_qr_b))
-_qr_a_stack = jax.jit(jax.vmap(_qr_a))
-_core_svd_stack = jax.jit(jax.vmap(_core_svd, in_axes=(0, 0, 0, 0, None)), static_argnums=4)
+_qr_b_stack = per_stack(_qr_b)
+_qr_a_stack = per_stack(_qr_a)
+_small_svd_stack = per_stack(_small_svd, static_argnames=("tol",))
+_dense_stack = per_stack(align_dense, static_argnames=("tol", "max_rank"))
 
 
-def _core_stack(b, a, tol):
-  return _core_svd_stack(*_qr_b_stack(b), *_qr_a_stack(a), tol)
-
-
-@functools.partial(jax.jit, static_argnames=("tol", "max_rank"))
-def _dense_stack(delta, tol, max_rank):
-  return jax.vmap(functools.partial(align_dense, tol=tol, max_rank=max_rank))(delta)
+def _factors_stack(b, a, tol):
+  return _small_svd_stack(*_qr_b_stack(b), *_qr_a_stack(a), tol=tol)
 
 
 def align_stack(
@@ -131,7 +128,7 @@ def align_stack(
     b: jax.Array,
     a: jax.Array,
     *,
-    path: str = "core",
+    path: str = "factors",
     rows: bool = False,
     tol: float = DEFAULT_TOL,
     dtype=jnp.float32,
@@ -139,7 +136,8 @@ def align_stack(
   """Aligns a stack of modules given by factors b [L, n, out, r], a [L, n, r, in].
 
   Args:
-    path: "core" (from the factors) or "dense" (SVD of the dense updates).
+    path: "factors" (QR route from the factors; "core" is its old name) or "dense"
+      (SVD of the dense updates).
     rows: concatenate row-wise instead of column-wise (ablation).
     dtype: computation dtype (float64 needs `jax_enable_x64`).
   """
@@ -147,14 +145,14 @@ def align_stack(
   a = jnp.asarray(a, dtype)
   if rows:  # dW_i^T = A_i^T B_i^T: the same decomposition with roles swapped.
     b, a = jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2)
-  if path == "core":
-    u, s, rep, valid = _core_stack(b, a, tol)
+  if path in ("factors", "core"):
+    u, s, rep, valid = _factors_stack(b, a, tol)
   elif path == "dense":
     _, n, out, r = b.shape
     delta = jnp.matmul(b, a)
-    u, s, rep, valid = _dense_stack(delta, tol, core_rank(n, r, out, a.shape[-1]))
+    u, s, rep, valid = _dense_stack(delta, tol=tol, max_rank=joint_rank(n, r, out, a.shape[-1]))
   else:
-    raise ValueError(f"unknown alignment path `{path}`; valid: core, dense")
+    raise ValueError(f"unknown alignment path `{path}`; valid: factors, dense")
   return AlignedStack(tuple(modules), u, s, rep, valid, transposed=rows)
 
 
@@ -170,7 +168,7 @@ def align_task_vectors(
   delta = jnp.asarray(delta, dtype)
   if rows:
     delta = jnp.swapaxes(delta, -1, -2)
-  u, s, rep, valid = _dense_stack(delta, tol, None)
+  u, s, rep, valid = _dense_stack(delta, tol=tol, max_rank=None)
   return AlignedStack(tuple(modules), u, s, rep, valid, transposed=rows)
 
 

@@ -16,32 +16,15 @@ ConfigDict); `--config.<option>=<value>` overrides one option.
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import sys
-import textwrap
 from typing import Sequence
 
-import ml_collections
-from absl import flags
-from ml_collections import config_flags
-
-from knots_jax import pipeline
-from knots_jax.merging import config as config_lib
 from knots_jax.methods import registry
+from knots_jax.pipeline import config as job_config
 
 USAGE = __doc__
-
-
-def merge_help() -> str:
-  lines = ["usage: knots-jax merge --config CONFIG.py[:key=value,...] [--config.<option>=<value> ...]",
-           "", "Merges LoRA adapters and writes the result. Options (default in brackets):", ""]
-  for name, (default, text) in config_lib.FIELDS.items():
-    lines.append(f"  --config.{name}  [{default!r}]")
-    lines.extend(textwrap.wrap(text, 76, initial_indent="      ", subsequent_indent="      "))
-  lines += ["", "Example:", "  knots-jax merge --config configs/merge.py --config.adapters=a/,b/,c/ \\",
-            "      --config.method=knots_ties --config.scaling=0.6 --config.top_k=20 "
-            "--config.output=merged/"]
-  return "\n".join(lines)
 
 
 def methods_table() -> str:
@@ -53,10 +36,43 @@ BENCHMARK_CONFIG = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "offline_benchmark.py"))
 
 
-def load_config(argv: Sequence[str], default: str | None = None) -> ml_collections.ConfigDict:
-  """Parses `--config FILE[:arg]` (or `default` when absent) and `--config.key=value` overrides."""
-  if default is not None and not any(a == "--config" or a.startswith("--config=") for a in argv):
+def _config_file_given(argv: Sequence[str]) -> bool:
+  return any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
+def _overrides(argv: Sequence[str]) -> list[str]:
+  """The option names of `--config.<option>=<value>` arguments."""
+  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
+def _unknown_option_message(argv: Sequence[str], known: Sequence[str]) -> str:
+  unknown = [o for o in _overrides(argv) if o.split(".")[0] not in known]
+  if not unknown:
+    return "unknown option; `knots-jax <command> --help` lists the options"
+  name = unknown[0]
+  close = difflib.get_close_matches(name, known, n=1)
+  hint = f"; did you mean `{close[0]}`?" if close else ""
+  return (f"unknown option `{name}` (--config.{name}){hint} `knots-jax <command> --help` lists "
+          "the options")
+
+
+def load_config(argv: Sequence[str], default: str | None = None):
+  """Parses `--config FILE[:arg]` (or `default` when absent) and `--config.key=value` overrides.
+
+  Raises ValueError with one line for every mistake a user makes here: no
+  config file, a file that does not exist, an unknown option (with the closest
+  name), a value that does not parse.
+  """
+  from absl import flags   # only the commands that read a config file need these
+  from ml_collections import config_flags
+  if default is not None and not _config_file_given(argv):
     argv = ["--config", default, *argv]
+  if not _config_file_given(argv):
+    raise ValueError("--config is required, e.g. --config configs/merge.py (then "
+                     "--config.<option>=<value> overrides)")
+  path = _config_path(argv, None)
+  if path and not os.path.isfile(path):
+    raise ValueError(f"config file `{path}` does not exist")
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "merge config file", flag_values=values,
                                   lock_config=True)
@@ -65,31 +81,42 @@ def load_config(argv: Sequence[str], default: str | None = None) -> ml_collectio
   saved, sys.argv = sys.argv, ["knots-jax"] + list(argv)
   try:
     values(sys.argv)
-  except AttributeError as e:  # an override of an option that does not exist
-    raise ValueError(f"unknown option {e}; `knots-jax <command> --help` lists the options") from None
+  except (AttributeError, KeyError):  # an override of an option that does not exist
+    known = list(_loaded_keys(path))
+    raise ValueError(_unknown_option_message(argv, known)) from None
   except flags.Error as e:
     message = str(e)
     if "Traceback (most recent call last)" in message:  # get_config raised: keep its message
       message = message.split(":", 1)[0] + ": " + message.strip().splitlines()[-1]
-    raise ValueError(message) from None
+    raise ValueError(" ".join(message.split())) from None
   finally:
     sys.argv = saved
-  if values.config is None:
-    raise ValueError("--config is required, e.g. --config configs/demo.py")
   return values.config
 
 
+def _loaded_keys(path: str | None) -> list[str]:
+  """The option names of a config file (for the closest-name hint)."""
+  import importlib.util
+  if not path:
+    return []
+  try:
+    spec = importlib.util.spec_from_file_location("_knots_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.get_config().keys())
+  except Exception:  # noqa: BLE001 - only a hint
+    return list(job_config.MERGE_FIELDS + job_config.JOB_FIELDS)
+
+
 def format_summary(summary: dict) -> str:
-  cfg, stats = summary["config"], summary["stats"]
-  options = "".join(f" {k}={cfg[k]}" for k, (_, users) in registry.METHOD_OPTIONS.items()
-                    if cfg["method"] in users)
+  """The summary of `pipeline.run.run`, a row per line."""
+  cfg, stats = summary["config"], summary.get("stats", {})
+  options = " ".join(f"{k}={cfg[k]}" for k in job_config.MERGE_FIELDS
+                     if k in cfg and k not in ("method", "path", "concat", "tol"))
   rows = [("adapters", ", ".join(f"{n} (r={'/'.join(map(str, r))})"
                                 for n, r in stats["ranks"].items())),
           ("modules", str(stats["modules"])),
-          ("method", f"{cfg['method']}  scaling={cfg['scaling']} top_k={cfg['top_k']} "
-                     f"scope={cfg['top_k_scope']}" +
-                     (f" drop_rate={cfg['drop_rate']} seed={cfg['seed']}"
-                      if "dare" in cfg["method"] else "") + options)]
+          ("method", f"{cfg['method']}  {options}")]
   if "kept_components" in stats:
     kept = stats["kept_components"]
     rows.append(("kept components", f"min {kept['min']}, mean {kept['mean']:.1f}, "
@@ -159,14 +186,64 @@ def run_evaluation_command(command: str, argv: Sequence[str]) -> int:
     else:
       from knots_jax.experiments import paper
       paper.run_paper_vision(config)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"knots-jax: error: {e}", file=sys.stderr)
+  except _expected_errors() as e:
+    print(f"knots-jax: error: {_error_line(e)}", file=sys.stderr)
     return 2
   return 0
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+def format_dry_run(summary: dict) -> str:
+  rows = [("adapters", ", ".join(f"{n} ({p})" for n, p in summary["adapters"].items())),
+          ("modules", str(summary["modules"]))]
+  rows += [(k, repr(v)) for k, v in summary["config"].items()]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] +
+                   ["dry run: the inputs are valid; nothing was merged or written"])
+
+
+# The failures a user can cause or meet (a bad option or file, a full or read-only
+# disk, a corrupt checkpoint): one line and exit code 2, never a traceback.
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  errors: list[type[BaseException]] = [ValueError, KeyError, OSError]
+  try:
+    from safetensors import SafetensorError
+    errors.append(SafetensorError)
+  except ImportError:  # pragma: no cover - safetensors is a dependency
+    pass
+  return tuple(errors)
+
+
+def _error_line(e: BaseException) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+    text = f"{e.filename}: {text}"
+  return " ".join(str(text).split())
+
+
+def run_merge_command(argv: Sequence[str]) -> int:
+  """`knots-jax merge`: flags in, one library call (`pipeline.run.run`), a summary out."""
+  if "-h" in argv or "--help" in argv:
+    print(job_config.help_text())
+    return 0
+  try:
+    job, merge_config = job_config.job_from_configdict(load_config(argv))
+    if not job.output and not job.dry_run:
+      print("knots-jax: note: no --config.output: the merge runs but nothing is written "
+            "(--config.dry_run=true only checks the inputs)", file=sys.stderr)
+    if job.dry_run:
+      from knots_jax.pipeline import inputs
+      summary = inputs.dry_run(job, merge_config)
+    else:
+      from knots_jax.pipeline import run as pipeline_run   # imports JAX
+      summary = pipeline_run.run(job, merge_config)
+  except _expected_errors() as e:
+    print(f"knots-jax: error: {_error_line(e)}", file=sys.stderr)
+    return 2
+  print(format_dry_run(summary) if job.dry_run else format_summary(summary))
+  return 0
+
+
+def _dispatch(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(USAGE)
     return 0
@@ -176,21 +253,23 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
   if command in ("benchmark", "evaluate"):
     return run_evaluation_command(command, rest)
-  if command != "merge":
-    print(f"knots-jax: unknown command `{command}`; commands: benchmark, evaluate, merge, "
-          "methods",
-          file=sys.stderr)
-    return 2
-  if "-h" in rest or "--help" in rest:
-    print(merge_help())
-    return 0
+  if command == "merge":
+    return run_merge_command(rest)
+  print(f"knots-jax: unknown command `{command}`; commands: benchmark, evaluate, merge, methods",
+        file=sys.stderr)
+  return 2
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+  """The `knots-jax` entry point; returns the exit code."""
   try:
-    summary = pipeline.run_merge(load_config(rest))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"knots-jax: error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(summary))
-  return 0
+    code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    sys.stdout.flush()   # inside the try: a closed pipe fails here, not at exit
+    return code
+  except BrokenPipeError:   # e.g. `knots-jax merge --help | head`: the reader left
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from knots_jax.evaluation.ablations import (
     sweep,
     task_subsets,
     write_csv,
-    write_json,
+    write_records_json,
 )
 from knots_jax.evaluation.cka import (
     CKAReport,
@@ -55,5 +55,5 @@ __all__ = [
     "linear_search", "mean_interval", "mean_off_diagonal", "normalize_label_name",
     "normalized_accuracy", "number_of_tasks", "pairwise_cka", "ranks", "read_csv", "rescale",
     "searched_parameter", "select_adapters", "summarize", "sweep", "task_subsets",
-    "task_update_cka", "union_labels", "write_csv", "write_json",
+    "task_update_cka", "union_labels", "write_csv", "write_records_json",
 ]

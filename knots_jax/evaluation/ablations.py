@@ -2,7 +2,7 @@
 
 Every ablation takes a callback that returns a score (or a mapping of named
 scores) and returns a list of flat dicts, one per evaluation, ready for
-`write_csv` / `write_json` and for `knots_jax.evaluation.plots`.
+`write_csv` / `write_records_json` and for `knots_jax.evaluation.plots`.
 
 * `number_of_tasks`: for n = 2 ... N, every subset of n tasks (or a seeded
   sample of at most `max_subsets`) is scored, and `summarize` gives the mean
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import os
 from typing import Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
@@ -34,6 +33,7 @@ import tqdm
 
 from knots_jax.adapters.peft_files import AdapterSet
 from knots_jax.alignment import decompose
+from knots_jax.io import output_dir
 
 Score = float | Mapping[str, float]
 V = TypeVar("V")
@@ -242,19 +242,6 @@ def alignments_by_concat(adapters: AdapterSet, concats: Sequence[str] = ("column
 # ------------------------------------------------------------------ writers
 
 
-def _plain(value):
-  """JSON-safe: NumPy scalars to Python, NaN / inf to None."""
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
-  return value
-
-
 def _columns(records: Sequence[Mapping]) -> list[str]:
   columns: dict[str, None] = {}
   for r in records:
@@ -272,16 +259,15 @@ def write_csv(records: Sequence[Mapping], path: str) -> str:
     writer = csv.DictWriter(f, fieldnames=_columns(records), restval="")
     writer.writeheader()
     for r in records:
-      writer.writerow({str(k): "" if v is None else _plain(v) for k, v in r.items()})
+      writer.writerow({str(k): "" if v is None else output_dir.to_jsonable(v) for k, v in r.items()})
   return path
 
 
-def write_json(records: Sequence[Mapping], path: str, **meta) -> str:
-  """Writes {"records": [...], **meta} as JSON (NaN written as null)."""
+def write_records_json(records: Sequence[Mapping], path: str, **meta) -> str:
+  """Writes {"records": [...], **meta} as JSON (NaN written as null) with the package's one
+  JSON writer (`output_dir.write_json`); returns `path`."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(_plain({**meta, "records": list(records)}), f, indent=2, allow_nan=False)
-    f.write("\n")
+  output_dir.write_json(path, {**meta, "records": list(records)})
   return path
 
 

@@ -1,30 +1,11 @@
-"""SVD-based merging methods beside KnOTS, computed from LoRA factors where exact.
+"""Linear paths between two merges, and the loss (or accuracy) barrier along them.
 
-Per-module functions take one module's per-task factors `b` [n, out, r] (PEFT
-scale folded in, ranks zero-padded) and `a` [n, r, in], or dense task updates
-`delta` [n, out, in]; the `*_stack` helpers vmap them over the stack axis L
-under `jax.jit`. Merged updates come back as LoRA factors (`b_m @ a_m`) with no
-dense out x in matrix, or as dense matrices for the `*_dense` references.
-
-* "LoRA Merging with SVD: Understanding Interference and Preserving
-  Performance" (Tang et al., ICML 2025 workshop R2-FM): direct merge (DM),
-  multiplied merge (MM), the DM cross term, MM + Gaussian noise of the cross
-  term's norm, SVD_r(MM), the bound ||L_MM - SVD_r(L_MM)||_F <= ||L_DM - L_MM||_F,
-  and linear-mode-connectivity helpers (`interpolation_path`, `lmc_barrier`).
-* Iso-C / Iso-CTS ("No Task Left Behind", Marczak et al., arXiv:2502.04959):
-  flat spectrum on the task-arithmetic sum (Iso-C), on common + task-specific
-  directions (Iso-CTS).
-* TSV-M ("Task Singular Vectors", Gargiulo et al., CVPR 2025, arXiv:2412.00081):
-  per-task truncation, whitening of the concatenated singular vectors (polar factor).
-* SFTM ("Superpose Singular Features for Model Merging", Qiu et al.,
-  arXiv:2502.10698): coefficients from the linear system (Sigma o U o V) alpha = sigma.
-
-Singular components of a zero-padded (or rank-deficient) update have arbitrary
-singular vectors; every method here zeroes the components whose singular value
-is <= `rtol` times the module's largest one, so results do not depend on them
-and the factor and dense paths agree. Every LAPACK call of one program depends
-on the previous one (see docs/design.md on the jaxlib 0.10 CPU deadlock); the
-two polar factors of TSV-M and Iso-CTS share one batched SVD.
+`interpolation_path` gives the merges on the line between two results (their
+updates interpolated: the multiplied-merge path); `lmc_barrier` measures how
+far the scores along it fall below the straight line between its end points
+("LoRA Merging with SVD", the LMC paragraph of §4; Entezari et al. 2022). The
+paper also interpolates the factors A and B separately (the direct-merge path,
+`((1-t) B_1 + t B_2)((1-t) A_1 + t A_2)`), which this module does not offer yet.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def _save(fig: Figure, records: Sequence[Mapping], path: str, **meta) -> dict[st
   paths = _paths(path)
   fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
   ablations.write_csv(records, paths["csv"])
-  ablations.write_json(records, paths["json"], **meta)
+  ablations.write_records_json(records, paths["json"], **meta)
   return paths
 
 

@@ -50,7 +50,9 @@ from knots_jax.adapters.peft_files import AdapterSet
 from knots_jax.alignment import decompose
 from knots_jax.merging import orchestrate
 from knots_jax.merging.result import MergedStack, MergeResult
-from knots_jax.methods import registry
+from knots_jax import checks
+from knots_jax.methods import options, registry
+from knots_jax.methods.options import MergeConfig
 
 SCALINGS = tuple(round(0.1 * i, 1) for i in range(1, 11))          # 0.1 ... 1.0
 TOP_KS = tuple(float(k) for k in range(10, 101, 10))               # 10 ... 100 (%)
@@ -144,24 +146,12 @@ def rescale(result: MergeResult, factor: float, scaling: float) -> MergeResult:
       stats={**result.stats, "rescaled_from_scaling": result.settings.get("scaling")})
 
 
-def _grid(values: Sequence[float], name: str, low: float, high: float | None,
-          closed_high: bool) -> tuple[float, ...]:
-  values = tuple(float(v) for v in values)
+def _grid(values: Sequence[float], name: str, check: checks.Check) -> tuple[float, ...]:
+  """A non-empty grid, every value checked as the merge option it is (`MergeConfig`)."""
+  values = tuple(values)
   if not values:
     raise ValueError(f"{name} is empty")
-  for v in values:
-    above = high is not None and (v > high if closed_high else v >= high)
-    if not math.isfinite(v) or v < low or above:
-      bound = "" if high is None else f" and {'<=' if closed_high else '<'} {high}"
-      raise ValueError(f"{name}: {v} is not a valid value (need finite, >= {low}{bound})")
-  return values
-
-
-def _positive(values: Sequence[float], name: str) -> tuple[float, ...]:
-  values = _grid(values, name, 0.0, None, True)
-  if min(values) <= 0:
-    raise ValueError(f"{name} must be positive (top-K in percent, or a fraction <= 1), got {values}")
-  return values
+  return tuple(checks.named(f"{name}: {v!r}:", check, v) for v in values)
 
 
 def _prepare(alignment: decompose.Alignment | AdapterSet, method: str, align_kwargs: dict,
@@ -171,7 +161,7 @@ def _prepare(alignment: decompose.Alignment | AdapterSet, method: str, align_kwa
   if isinstance(alignment, AdapterSet):
     if spec.knots:
       return decompose.align(alignment, progress=progress, **align_kwargs)
-    return decompose.factor_alignment(alignment)
+    return decompose.factor_alignment(alignment, align_kwargs.get("dtype", "float32"))
   if not isinstance(alignment, decompose.Alignment):
     raise ValueError(f"alignment must be a knots_jax Alignment or AdapterSet, got "
                      f"{type(alignment).__name__}")
@@ -193,6 +183,87 @@ def _score(evaluate: Evaluate, result: MergeResult, split: str, settings: dict) 
   if not math.isfinite(score):
     raise ValueError(f"evaluate returned {score} for {settings} on `{split}`; it must be finite")
   return score
+
+
+@dataclasses.dataclass
+class _Stage:
+  """The running state of a search: trials, the best so far, merges made."""
+  evaluate: Evaluate
+  merge: Callable[[MergeConfig], MergeResult]
+  trials: list = dataclasses.field(default_factory=list)
+  best: tuple | None = None     # (score, settings, result)
+  merges: int = 0
+
+  def run_merge(self, config: MergeConfig) -> MergeResult:
+    self.merges += 1
+    return self.merge(config)
+
+  def record(self, stage: str, settings: dict, score: float, result: MergeResult, t0: float,
+             **flags) -> None:
+    self.trials.append(Trial(stage, **settings, score=score, seconds=time.perf_counter() - t0,
+                             **flags))
+    if self.best is None or score > self.best[0]:
+      self.best = (score, settings, result)
+
+
+def _settings(config: MergeConfig) -> dict:
+  """The searched values of a candidate (None where the method does not read them)."""
+  return dict(scaling=config.scaling, top_k=config.top_k if config.applies("top_k") else None,
+              drop_rate=config.drop_rate if config.applies("drop_rate") else None)
+
+
+def _alpha_stage(state: _Stage, base: MergeConfig, scalings, stop_early: bool, bar) -> None:
+  """Stage 1: alpha, the other hyper-parameters at their defaults; a homogeneous
+  method is merged once at alpha = 1 and rescaled."""
+  unit = state.run_merge(base.replace(scaling=1.0)) if base.spec.homogeneous else None
+  stage_best = -math.inf
+  for scaling in scalings:
+    t0 = time.perf_counter()
+    config = base.replace(scaling=scaling)
+    result = rescale(unit, scaling, scaling) if unit is not None else state.run_merge(config)
+    settings = _settings(config)
+    score = _score(state.evaluate, result, "val", settings)
+    state.record("scaling", settings, score, result, t0, rescaled=unit is not None)
+    bar.update()
+    if stop_early and score < stage_best:
+      break
+    stage_best = max(stage_best, score)
+
+
+def _second_stage(state: _Stage, base: MergeConfig, name: str | None, grid, stop_early: bool,
+                  bar) -> None:
+  """Stage 2: the method's second hyper-parameter (`name`) at the best alpha."""
+  stage1_score, stage1_settings, stage1_result = state.best
+  alpha = base.replace(scaling=stage1_settings["scaling"])
+  stage_best = -math.inf
+  for value in grid:
+    t0 = time.perf_counter()
+    config = alpha.replace(**{name: value})
+    settings = _settings(config)
+    if settings == stage1_settings:   # evaluated in stage 1 (the merge is deterministic)
+      score, reused, result = stage1_score, True, stage1_result
+    else:
+      result = state.run_merge(config)
+      score, reused = _score(state.evaluate, result, "val", settings), False
+    state.record(name, settings, score, result, t0, reused=reused)
+    bar.update()
+    if stop_early and score < stage_best:
+      break
+    stage_best = max(stage_best, score)
+
+
+def _search_config(method: str, top_k, drop_rate, seed: int, merge_kwargs: dict) -> MergeConfig:
+  """The merge options every candidate starts from (checked once, here)."""
+  for key in _OWN_KEYS:
+    if key in merge_kwargs:
+      hint = {"scaling": "scalings=(...)"}.get(key, f"{key}=...")
+      raise ValueError(f"`{key}` is set by the search; pass {hint} to linear_search itself")
+  spec = registry.get_method(method)
+  if top_k is None:
+    top_k = DARE_TIES_TOP_K if (spec.dare and spec.combine == "ties") else DEFAULT_TOP_K
+  drop_rate = DEFAULT_DROP_RATE if drop_rate is None else drop_rate
+  return MergeConfig.from_options(dict(method=method, top_k=top_k, drop_rate=drop_rate,
+                                       seed=seed, **merge_kwargs), source="linear_search")
 
 
 def linear_search(
@@ -234,102 +305,29 @@ def linear_search(
   Returns:
     A `SearchResult`; `result` is the chosen merge (the one evaluated on test).
   """
-  for key in _OWN_KEYS:
-    if key in merge_kwargs:
-      hint = {"scaling": "scalings=(...)"}.get(key, f"{key}=...")
-      raise ValueError(f"`{key}` is set by the search; pass {hint} to linear_search itself")
   if not callable(evaluate):
     raise ValueError("evaluate must be a callable evaluate(result, split) -> float")
-  spec = registry.get_method(method)
-  second = searched_parameter(method)
-  scalings = _grid(scalings, "scalings", -math.inf, None, True)
-  if top_k is None:
-    top_k = DARE_TIES_TOP_K if (spec.dare and spec.combine == "ties") else DEFAULT_TOP_K
-  if drop_rate is None:
-    drop_rate = DEFAULT_DROP_RATE
-  _positive([top_k], "top_k")
-  _grid([drop_rate], "drop_rate", 0.0, 1.0, False)
-  second_grid: tuple[float, ...] = ()
-  if second == "top_k":
-    second_grid = _positive(top_ks, "top_ks")
-  elif second == "drop_rate":
-    second_grid = _grid(drop_rates, "drop_rates", 0.0, 1.0, False)
-
   align_kwargs = {k: merge_kwargs.pop(k) for k in _ALIGN_KEYS if k in merge_kwargs}
+  base = _search_config(method, top_k, drop_rate, seed,
+                        {**merge_kwargs, **{k: v for k, v in align_kwargs.items() if k != "mesh"}})
+  second = searched_parameter(method)
+  scalings = _grid(scalings, "scalings", checks.number)
+  grids = {"top_k": (top_ks, "top_ks", options.TOP_K),
+           "drop_rate": (drop_rates, "drop_rates", options.DROP_RATE)}
+  second_grid = _grid(*grids[second]) if second else ()
+
   start = time.perf_counter()
   alignment = _prepare(alignment, method, align_kwargs, progress)
   align_seconds = time.perf_counter() - start
-  uses_top_k, uses_drop = spec.combine == "ties", spec.dare
-  homogeneous = is_homogeneous(method)
-  merges = 0
-
-  def run_merge(scaling: float, k: float, p: float) -> MergeResult:
-    nonlocal merges
-    merges += 1
-    return orchestrate.merge(alignment, method, scaling=scaling, top_k=k, drop_rate=p, seed=seed,
-                         **merge_kwargs)
-
-  trials: list[Trial] = []
-  best: tuple[float, dict, MergeResult] | None = None
-  bar = tqdm.tqdm(total=len(scalings) + len(second_grid), desc=f"search {method}",
-                  disable=not progress)
-
-  def settings_of(scaling, k, p):
-    return dict(scaling=scaling, top_k=k if uses_top_k else None,
-                drop_rate=p if uses_drop else None)
-
-  # Stage 1: alpha, the other hyper-parameters at their defaults.
-  unit = run_merge(1.0, top_k, drop_rate) if homogeneous else None
-  stage_best = -math.inf
-  for scaling in scalings:
-    t0 = time.perf_counter()
-    if unit is not None:
-      result = rescale(unit, scaling, scaling)
-    else:
-      result = run_merge(scaling, top_k, drop_rate)
-    settings = settings_of(scaling, top_k, drop_rate)
-    score = _score(evaluate, result, "val", settings)
-    trials.append(Trial("scaling", **settings, score=score, rescaled=unit is not None,
-                        seconds=time.perf_counter() - t0))
-    bar.update()
-    if best is None or score > best[0]:
-      best = (score, settings, result)
-    del result
-    if stop_early and score < stage_best:
-      break
-    stage_best = max(stage_best, score)
-  del unit
-  assert best is not None
-  stage1 = best
-  alpha = stage1[1]["scaling"]
-
-  # Stage 2: the method's second hyper-parameter at the best alpha.
-  stage_best = -math.inf
-  for value in second_grid:
-    t0 = time.perf_counter()
-    k = value if second == "top_k" else top_k
-    p = value if second == "drop_rate" else drop_rate
-    settings = settings_of(alpha, k, p)
-    if settings == stage1[1]:   # evaluated in stage 1 (the merge is deterministic)
-      score, reused, result = stage1[0], True, stage1[2]
-    else:
-      result = run_merge(alpha, k, p)
-      score, reused = _score(evaluate, result, "val", settings), False
-    trials.append(Trial(second, **settings, score=score, reused=reused,  # type: ignore[arg-type]
-                        seconds=time.perf_counter() - t0))
-    bar.update()
-    if score > best[0]:
-      best = (score, settings, result)
-    del result
-    if stop_early and score < stage_best:
-      break
-    stage_best = max(stage_best, score)
-  bar.close()
-
-  val_score, chosen, result = best
+  state = _Stage(evaluate, lambda config: orchestrate.merge(alignment, config=config))
+  with tqdm.tqdm(total=len(scalings) + len(second_grid), desc=f"search {method}",
+                 disable=not progress) as bar:
+    _alpha_stage(state, base, scalings, stop_early, bar)
+    _second_stage(state, base, second, second_grid, stop_early, bar)
+  val_score, chosen, result = state.best
   test_score = _score(evaluate, result, "test", chosen)
   return SearchResult(
-      method=method, trials=tuple(trials),
+      method=method, trials=tuple(state.trials),
       best={k: v for k, v in chosen.items() if v is not None},
-      val_score=val_score, test_score=test_score, result=result, merges=merges,
+      val_score=val_score, test_score=test_score, result=result, merges=state.merges,
       align_seconds=align_seconds, seconds=time.perf_counter() - start)

@@ -48,7 +48,8 @@ from knots_jax.alignment import decompose
 from knots_jax.evaluation import metrics, search
 from knots_jax.experiments import paper, real_data
 from knots_jax.export import full_model
-from knots_jax.io import hf_checkpoint, output_dir
+from knots_jax.io import output_dir
+from knots_jax.io import sharded_read
 from knots_jax.methods import registry
 from knots_jax.models import llama, lora
 from knots_jax.models import weights as weights_lib
@@ -307,7 +308,7 @@ def classifier(model_dir: str, heads: Heads, pad_id: int, dtype, weights):
                                labels=None, pad_token_id=pad_id)
   head = {HEAD_KEY: heads.matrix}
   if weights is None:
-    weights = hf_checkpoint.read_backbone(model_dir).items()
+    weights = sharded_read.read_backbone(model_dir).items()
   return weights_lib.load_pretrained(
       lambda: llama.LlamaForSequenceClassification(config, dtype=dtype, rngs=nnx.Rngs(0)),
       llama.hf_targets, model_dir, dtype=dtype, weights=itertools.chain(weights, head.items()))

@@ -6,7 +6,4 @@
 * `orbax_model`: the whole merged model as an Orbax checkpoint (imports Orbax).
 """
 
-from knots_jax.export.merged_weights import save_merged_weights
-from knots_jax.export.peft_adapter import save_peft_adapter
-
-__all__ = ["save_merged_weights", "save_peft_adapter"]
+__all__ = ["full_model", "merged_weights", "orbax_model", "peft_adapter"]

@@ -36,11 +36,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from knots_jax.io import hf_checkpoint, output_dir, safetensors_slots
-from knots_jax.merging.result import MergeResult
+
+from knots_jax.io import sharded_read
+from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
 from knots_jax.parallel import sharding
 
 COPIED_FILES = ("config.json", "generation_config.json")
-KNOTS_CONFIG = "knots_config.json"
 _METADATA = {"format": "pt"}   # transformers refuses safetensors files without it
 
 
@@ -129,7 +130,7 @@ def merged_model_weights(result: MergeResult, model_dir: str, mesh: Mesh | None 
   check_fits(result, model_dir, hf_checkpoint.tensor_files(model_dir), extra=False)
   transpose = result.fan_in_fan_out
   for key, (path, shape, stored) in header.items():
-    base = hf_checkpoint.read_one(path, key, shape, stored, mesh, None)
+    base = sharded_read.read_one(path, key, shape, stored, mesh, None)
     out_sharding = None if mesh is None else sharding.weight_sharding(mesh, shape)
     if key in updates:
       kind, stack, i = updates[key]
@@ -206,14 +207,6 @@ def copy_model_files(model_dir: str, out_dir: str) -> None:
     src = os.path.join(model_dir, name)
     if os.path.isfile(src):
       shutil.copyfile(src, os.path.join(out_dir, name))
-
-
-def knots_record(result: MergeResult, model_dir: str, **merged_model) -> dict:
-  """What `knots_config.json` says about a written full model: method, settings, base."""
-  return {"method": result.method, "settings": dict(result.settings),
-          "stats": dict(result.stats), "modules": len(result.module_names),
-          "extra": sorted(result.extra),
-          "merged_model": {"base_model": os.path.abspath(model_dir), **merged_model}}
 
 
 def changed_keys(adapters) -> set[str]:
@@ -402,9 +395,9 @@ class MergedModelWriter:
         output_dir.write_json(os.path.join(self._tmp, hf_checkpoint.INDEX),
                            {"metadata": {"total_size": total}, "weight_map": weight_map})
       copy_model_files(self._model_dir, self._tmp)
-      output_dir.write_json(os.path.join(self._tmp, KNOTS_CONFIG), knots_record(
-          result, self._model_dir, format="safetensors", shards=n, tensors=len(self._header),
-          total_size=total))
+      output_dir.write_json(os.path.join(self._tmp, KNOTS_CONFIG), result.record(merged_model={
+          "base_model": os.path.abspath(self._model_dir), "format": "safetensors", "shards": n,
+          "tensors": len(self._header), "total_size": total}))
     self._finished = True
     self._exit.close()   # closes the bar and moves the directory into place
     return {"path": os.path.abspath(self._out_dir), "shards": n, "tensors": len(self._header),
@@ -454,6 +447,5 @@ def save_merged_model(result: MergeResult, model_dir: str, out_dir: str, *,
     return writer.finish(result)
 
 
-__all__ = ["read_backbone", "merged_model_weights", "save_merged_model", "MergedModelWriter",
-           "changed_keys", "weight_sharding", "parse_size", "plan_shards", "knots_record",
-           "copy_model_files", "adapted_keys"]
+__all__ = ["merged_model_weights", "save_merged_model", "MergedModelWriter", "changed_keys",
+           "parse_size", "plan_shards", "copy_model_files", "adapted_keys"]

@@ -20,15 +20,9 @@ from typing import Iterable
 import numpy as np
 import safetensors.numpy
 
-from knots_jax.export.peft_adapter import (
-  _METADATA,
-  KNOTS_CONFIG,
-  MERGED_WEIGHTS,
-  _check_result,
-  _knots_config,
-)
+from knots_jax.export.peft_adapter import _METADATA, MERGED_WEIGHTS, _check_result
 from knots_jax.io import hf_checkpoint, output_dir
-from knots_jax.merging.result import MergeResult
+from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
 
 
 def read_base_weights(base_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
@@ -93,7 +87,7 @@ def save_merged_weights(result: MergeResult, base_dir: str, out_dir: str, *,
   report = {"path": os.path.abspath(out_dir), "tensors": len(tensors), "dtypes": dtypes}
   with output_dir.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     safetensors.numpy.save_file(tensors, os.path.join(tmp, MERGED_WEIGHTS), metadata=_METADATA)
-    output_dir.write_json(os.path.join(tmp, KNOTS_CONFIG), _knots_config(
-        result, merged_weights={"base_model": os.path.abspath(base_dir), **{
+    output_dir.write_json(os.path.join(tmp, KNOTS_CONFIG), result.record(
+        merged_weights={"base_model": os.path.abspath(base_dir), **{
             k: v for k, v in report.items() if k != "path"}}))
   return report

@@ -21,7 +21,7 @@ can read it without knots_jax:
   ...     weights=ocp.args.StandardRestore(target)))["weights"]
 
 `restore_merged_model` does exactly that, with the shardings of
-`hf_checkpoint.read_backbone` (rows over the mesh when they divide its size, else
+`sharded_read.read_backbone` (rows over the mesh when they divide its size, else
 replicated): every process reads only the blocks of its own devices.
 
 The merged weights are computed on the devices tensor by tensor (the base
@@ -46,7 +46,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from knots_jax.export import full_model
 from knots_jax.io import hf_checkpoint, output_dir
-from knots_jax.merging.result import MergeResult
+from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
 from knots_jax.parallel import sharding as sharding_lib
 
 ITEM = "weights"   # the one item of every step: {HF name: array}
@@ -112,7 +112,7 @@ def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *
 
   Args:
     result: a `knots_jax.merge` result.
-    model_dir: the HF safetensors base model (`hf_checkpoint.read_backbone` reads it).
+    model_dir: the HF safetensors base model (`sharded_read.read_backbone` reads it).
     out_dir: the checkpoint directory (see the module docstring for its layout).
     mesh: compute and save sharded over this mesh (rows over `stack` when they
       divide its size); needed on several processes, where every process must
@@ -150,9 +150,9 @@ def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *
       mngr.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(weights)}))
       if jax.process_index() == 0:   # while Orbax writes in the background
         full_model.copy_model_files(model_dir, tmp)
-        output_dir.write_json(os.path.join(tmp, full_model.KNOTS_CONFIG), full_model.knots_record(
-            result, model_dir, format="orbax", item=ITEM, step=int(step),
-            tensors=len(weights), total_size=total))
+        output_dir.write_json(os.path.join(tmp, KNOTS_CONFIG), result.record(merged_model={
+            "base_model": os.path.abspath(model_dir), "format": "orbax", "item": ITEM,
+            "step": int(step), "tensors": len(weights), "total_size": total}))
       mngr.wait_until_finished()
   return report
 

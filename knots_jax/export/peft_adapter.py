@@ -4,7 +4,9 @@
   `peft.PeftModel.from_pretrained` loads. A factored merge is written exactly
   (every module zero-padded to one rank R, `lora_alpha = R` so PEFT's scale is
   1); with `rank=` it is truncated to its best rank-r approximation
-  (`lowrank`), and the relative error of every module is reported.
+  (`lowrank`), and the relative error of every module is reported. Its
+  `target_modules` names exactly the modules it has tensors for
+  (`written_target_modules`), so PEFT adapts those and no others.
 * `save_merged_weights`: base weight + merged update of every adapted module,
   in the base tensor's dtype and under the base model's key names.
 
@@ -15,19 +17,19 @@ atomically (`output_dir.atomic_output_dir`).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import re
+from typing import Mapping, Sequence
 
 import numpy as np
 import safetensors.numpy
 
 from knots_jax.io import output_dir
-from knots_jax.merging.result import MergeResult
-from knots_jax.methods import truncated_svd
+from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
+from knots_jax.merging import kernels
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_WEIGHTS = "model.safetensors"
-KNOTS_CONFIG = "knots_config.json"
 PEFT_PREFIX = "base_model.model."
 _METADATA = {"format": "pt"}   # what transformers / PEFT write; some loaders expect it
 
@@ -38,19 +40,94 @@ _RESET_FIELDS = {
     "init_lora_weights": True, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "use_qalora": False, "lora_bias": False,
     "inference_mode": True,
+    # target_modules below names the written modules exactly; PEFT refuses these
+    # fields beside a regex target_modules, and with a name list they are not needed.
+    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
 }
 
 
 # ---------------------------------------------------------------- PEFT adapter
 
 
+def _is_index(part: str) -> bool:
+  return part.isascii() and part.isdigit()
+
+
+def _complete_layer_grid(modules: Sequence[str]) -> bool:
+  """Whether the modules hold every module kind in the same layers, numbered from 0.
+
+  Paths are grouped by their form with numbers as `#` (`model.layers.#.mlp.up_proj`);
+  every numbered form must occur with the same indices, and the first index must run
+  0, 1, ..., k. A merge of some layers only (or of some modules only) fails this.
+  """
+  indices: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
+  for module in modules:
+    parts = module.split(".")
+    if any(_is_index(p) for p in parts):
+      form = tuple("#" if _is_index(p) else p for p in parts)
+      indices.setdefault(form, set()).add(tuple(int(p) for p in parts if _is_index(p)))
+  if not indices:
+    return True
+  sets = list(indices.values())
+  first = sorted({t[0] for t in sets[0]})
+  return all(s == sets[0] for s in sets) and first == list(range(len(first)))
+
+
+def _path_regex(paths: list[list[str]]) -> str:
+  """A regex that re.fullmatch-es exactly the dotted paths (lists of parts, non-empty).
+
+  A trie of the parts in which siblings with equal sub-regexes share one group, e.g.
+  `model\\.layers\\.(?:0|1)\\.self_attn\\.(?:k_proj|q_proj)`.
+  """
+  children: dict[str, list[list[str]]] = {}
+  for path in paths:
+    children.setdefault(path[0], []).append(path[1:])
+  by_tail: dict[str, list[str]] = {}
+  for part, rests in children.items():
+    longer = [r for r in rests if r]
+    tail = rf"\.{_path_regex(longer)}" if longer else ""
+    if longer and len(longer) < len(rests):  # the path also ends here
+      tail = f"(?:{tail})?"
+    by_tail.setdefault(tail, []).append(part)
+  natural = lambda part: (0, int(part), "") if _is_index(part) else (1, 0, part)
+  options = sorted(_group([re.escape(p) for p in sorted(parts, key=natural)]) + tail
+                   for tail, parts in by_tail.items())
+  return _group(options)
+
+
+def _group(options: list[str]) -> str:
+  return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+
+
+def written_target_modules(modules: Sequence[str], template: Mapping[str, object]) -> list[str] | str:
+  """The target_modules of a written adapter: exactly `modules` under PEFT's matching.
+
+  The modules' last names (`["k_proj", "q_proj"]`) when they cannot hit other modules
+  of the base model: the first input adapter (`template`) chose its modules by bare
+  names alone (a list of names without dots; no layers_to_transform, layers_pattern
+  or exclude_modules), so PEFT adapted every module of those names, and `modules`
+  covers all of them in every layer (`_complete_layer_grid`). Otherwise (some layers,
+  a regex, "all-linear", dotted names, exclusions, a subset of the input's modules) a
+  regex that re.fullmatch-es exactly `modules` (PEFT's rule for a string).
+  """
+  names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  targets = template.get("target_modules")
+  by_names = (isinstance(targets, (list, tuple)) and all("." not in t for t in targets)
+              and set(names) <= set(targets)
+              and not template.get("layers_to_transform") and not template.get("layers_pattern")
+              and not template.get("exclude_modules") and _complete_layer_grid(modules))
+  if by_names:
+    return names
+  return _path_regex([m.split(".") for m in sorted(set(modules))])
+
+
 def _adapter_config(template: Mapping[str, object], rank: int, modules: list[str],
                     extra: Mapping[str, np.ndarray]) -> dict:
-  """The first input adapter's config with rank R, scale 1 and no per-module patterns."""
+  """The first input adapter's config with rank R, scale 1, no per-module patterns and a
+  target_modules that names exactly the written modules."""
   config = dict(template)
   config.setdefault("peft_type", "LORA")
-  if not config.get("target_modules"):
-    config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  config["target_modules"] = written_target_modules(modules, template)
   config.update(_RESET_FIELDS, r=int(rank), lora_alpha=int(rank))
   if not extra:
     config["modules_to_save"] = None
@@ -63,9 +140,9 @@ def _truncated_stacks(result: MergeResult, rank: int):
   """(stack, b_r, a_r, rel_err) of every stack, truncated to `rank`."""
   for stack in result.stacks:
     if stack.is_factored:
-      yield (stack, *truncated_svd.truncate_factors(stack.b, stack.a, rank))
+      yield (stack, *kernels.truncate_factors(stack.b, stack.a, rank))
     else:
-      yield (stack, *truncated_svd.truncate_dense(stack.delta, rank))
+      yield (stack, *kernels.truncate_dense(stack.delta, rank))
 
 
 def _nonzero_components(stack) -> tuple[np.ndarray, np.ndarray]:
@@ -151,18 +228,9 @@ def save_peft_adapter(result: MergeResult, out_dir: str, *, rank: int | None = N
   with output_dir.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     safetensors.numpy.save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata=_METADATA)
     output_dir.write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
-    output_dir.write_json(os.path.join(tmp, KNOTS_CONFIG), _knots_config(
-        result, export={k: v for k, v in report.items() if k != "path"}))
+    output_dir.write_json(os.path.join(tmp, KNOTS_CONFIG), result.record(
+        export={k: v for k, v in report.items() if k != "path"}))
   return report
 
 
-def _knots_config(result: MergeResult, **more: object) -> dict:
-  """How an output was made: the merge's method, settings and statistics."""
-  return {"method": result.method, "settings": dict(result.settings),
-          "stats": dict(result.stats), "modules": len(result.module_names),
-          "extra": sorted(result.extra), **more}
-
-
 # ------------------------------------------------------------- merged weights
-
-

@@ -11,6 +11,8 @@ from typing import Callable, Mapping
 
 import ml_collections
 
+from knots_jax import checks
+
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None, *,
               presets: Mapping[str, Callable[[ml_collections.ConfigDict], object]] | None = None,
@@ -65,4 +67,5 @@ def parse_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
 
 
 def split_list(value: str) -> list[str]:
-  return [v.strip() for v in value.split(",") if v.strip()]
+  """`"a, b,,c"` -> `["a", "b", "c"]` (`checks.split_list`, the one list parser)."""
+  return list(checks.split_list(value))

@@ -24,6 +24,7 @@ and since the weights sum to one, W0 cancels: `W* - W0 = sum_i l_i F~_i delta_i
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from knots_jax.adapters.peft_files import AdapterSet
+from knots_jax.adapters.stacks import FactorStack
 from knots_jax.alignment import decompose
 from knots_jax.merging import orchestrate, regmean
 from knots_jax.merging.result import MergedStack, MergeResult
@@ -62,6 +64,7 @@ def _example_log_likelihood(log_probs: jax.Array, label: jax.Array) -> jax.Array
   return jnp.sum(jnp.where(label >= 0, picked, 0))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "log_prob_fn", "labels"))
 def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, targets, keys,
                        counted):
   """Sum over the batch of squared per-example gradients w.r.t. `kernels` (float32).
@@ -111,15 +114,78 @@ def _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, tar
   return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
 
-_squared_gradients_jit = jax.jit(_squared_gradients, static_argnums=(0, 1, 2))
-
-
 def _batch_size(inputs: Any) -> int:
+  """The leading (batch) axis shared by every leaf of `inputs`."""
   sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(inputs)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(f"fisher: every leaf of a batch needs the same leading (batch) axis; got "
                      f"sizes {sorted(map(str, sizes))}")
   return sizes.pop()
+
+
+def _check_diagonal_options(labels: str, positions: Callable[[Any], Any] | None,
+                            n_examples: int) -> None:
+  """Raises for `fisher_diagonal` options that are unknown or do not fit together."""
+  if labels not in LABELS:
+    raise ValueError(f"fisher: labels must be one of {', '.join(LABELS)}; got {labels!r}")
+  if positions is not None and labels == "expected":
+    raise ValueError("fisher: positions= is for log-probs [B, *S, C]; labels='expected' "
+                     "takes one prediction per example")
+  if not isinstance(n_examples, (int, np.integer)) or n_examples < 1:
+    raise ValueError(f"fisher: n_examples must be a positive integer, got {n_examples!r}")
+
+
+def _adapted_modules(model: nnx.Module) -> list[str]:
+  """HF names of the model's layers with a LoRA attached (sorted); raises when none is."""
+  modules = sorted(m.hf_name for m in lora.linears(model).values() if m.lora_a is not None)
+  if not modules:
+    raise ValueError("fisher: no adapter is attached to the model; attach one "
+                     "(lora.attach_adapter) or pass modules=")
+  return modules
+
+
+def _inputs_and_targets(batch: Any, labels: str) -> tuple[Any, Any]:
+  """(inputs, labels or None) of one batch: "empirical" batches are (inputs, labels) pairs."""
+  if labels != "empirical":
+    return batch, None
+  if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+    raise ValueError("fisher: labels='empirical' needs batches of (inputs, labels) pairs")
+  return batch[0], batch[1]
+
+
+def _first_examples(inputs: Any, targets: Any, wanted: int) -> tuple[Any, jax.Array, int]:
+  """The first min(batch size, `wanted`) examples: (inputs, int labels, count).
+
+  Without labels ("sampled", "expected") the labels are zeros, never read."""
+  size = _batch_size(inputs)
+  take = min(size, wanted)
+  if take < size:
+    inputs = jax.tree_util.tree_map(lambda x: x[:take], inputs)
+  targets = jnp.zeros((take,), jnp.int32) if targets is None else jnp.asarray(targets)[:take]
+  return inputs, targets, take
+
+
+def _summed_squared_gradients(graphdef, log_prob_fn, labels: str, kernels, rest,
+                              batches: Iterable[Any], n_examples: int, seed: int,
+                              positions: Callable[[Any], Any] | None) -> tuple[Any, int]:
+  """Squared per-example gradients summed over the first `n_examples` of `batches`.
+
+  Returns (the sums, a state like `kernels`, or None; the examples seen). Batch
+  `index` draws its labels from `fold_in(key(seed), index)`."""
+  key = jax.random.key(seed)
+  total, seen = None, 0
+  for index, batch in enumerate(batches):
+    if seen >= n_examples:
+      break
+    inputs, targets = _inputs_and_targets(batch, labels)
+    inputs, targets, take = _first_examples(inputs, targets, n_examples - seen)
+    keys = jax.random.split(jax.random.fold_in(key, index), take)
+    counted = None if positions is None else jnp.asarray(positions(inputs))
+    sums = _squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, inputs, targets,
+                              keys, counted)
+    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+    seen += take
+  return total, seen
 
 
 def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], jax.Array],
@@ -153,42 +219,12 @@ def fisher_diagonal(model: nnx.Module, log_prob_fn: Callable[[nnx.Module, Any], 
 
   Memory: the per-example gradients of one batch, B x the adapted weights.
   """
-  if labels not in LABELS:
-    raise ValueError(f"fisher: labels must be one of {', '.join(LABELS)}; got {labels!r}")
-  if positions is not None and labels == "expected":
-    raise ValueError("fisher: positions= is for log-probs [B, *S, C]; labels='expected' "
-                     "takes one prediction per example")
-  if not isinstance(n_examples, (int, np.integer)) or n_examples < 1:
-    raise ValueError(f"fisher: n_examples must be a positive integer, got {n_examples!r}")
-  if modules is None:
-    modules = sorted(m.hf_name for m in lora.linears(model).values() if m.lora_a is not None)
-    if not modules:
-      raise ValueError("fisher: no adapter is attached to the model; attach one "
-                       "(lora.attach_adapter) or pass modules=")
-  paths = _kernel_paths(model, list(modules))
+  _check_diagonal_options(labels, positions, n_examples)
+  modules = _adapted_modules(model) if modules is None else list(modules)
+  paths = _kernel_paths(model, modules)
   graphdef, kernels, rest = nnx.split(model, lambda path, _: tuple(path) in paths, ...)
-  key = jax.random.key(seed)
-  total, seen = None, 0
-  for index, batch in enumerate(batches):
-    if seen >= n_examples:
-      break
-    if labels == "empirical":
-      if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise ValueError("fisher: labels='empirical' needs batches of (inputs, labels) pairs")
-      inputs, targets = batch
-    else:
-      inputs, targets = batch, None
-    size = _batch_size(inputs)
-    take = min(size, n_examples - seen)
-    if take < size:
-      inputs = jax.tree_util.tree_map(lambda x: x[:take], inputs)
-    targets = jnp.zeros((take,), jnp.int32) if targets is None else jnp.asarray(targets)[:take]
-    keys = jax.random.split(jax.random.fold_in(key, index), take)
-    counted = None if positions is None else jnp.asarray(positions(inputs))
-    sums = _squared_gradients_jit(graphdef, log_prob_fn, labels, kernels, rest, inputs,
-                                  targets, keys, counted)
-    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-    seen += take
+  total, seen = _summed_squared_gradients(graphdef, log_prob_fn, labels, kernels, rest, batches,
+                                          n_examples, seed, positions)
   if seen < n_examples:
     raise ValueError(f"fisher: the batches hold {seen} examples, fewer than n_examples="
                      f"{n_examples}")
@@ -230,10 +266,12 @@ def _merge_module(fisher, b, a, coefficients, floor):
 
 @jax.jit
 def _merge_stack(fisher, b, a, coefficients, floor):
+  """`_merge_module` over a chunk of L modules: fisher [L, n, out, in]."""
   return jax.vmap(_merge_module, in_axes=(0, 0, 0, None, None))(fisher, b, a, coefficients, floor)
 
 
 def _coefficients(coefficients, n: int) -> np.ndarray:
+  """The merging weights l_i as float64 [n] (default: 1/n each); raises when invalid."""
   if coefficients is None:
     return np.full(n, 1.0 / n)
   c = np.asarray(coefficients, np.float64)
@@ -241,6 +279,50 @@ def _coefficients(coefficients, n: int) -> np.ndarray:
     raise ValueError(f"fisher: coefficients must be {n} finite non-negative numbers, not all "
                      f"zero (one per adapter); got {coefficients!r}")
   return c
+
+
+def _fisher_norms(fishers: Sequence[Mapping[str, Any]], covered: Sequence[str]) -> np.ndarray:
+  """L2 norm of each task's Fisher over the `covered` modules (float64 [n]); non-zero, finite."""
+  norms = np.sqrt([sum(float(np.sum(np.square(np.asarray(f[m], np.float64)))) for m in covered)
+                   for f in fishers])
+  if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+    raise ValueError(f"fisher: normalize=True needs non-zero finite Fishers; the norms per "
+                     f"task are {norms.tolist()}")
+  return norms
+
+
+def _merge_chunk(stack: FactorStack, index: list[int], fishers: Sequence[Mapping[str, Any]],
+                 coef: np.ndarray, floor: float, dtype: np.dtype) -> MergedStack:
+  """Fisher-weighted average of `stack`'s modules `index` (one jitted call); checks the Fishers."""
+  names = [stack.modules[i] for i in index]
+  f = np.stack([np.stack([np.asarray(t[m], dtype) for t in fishers]) for m in names])
+  delta, valid = _merge_stack(jnp.asarray(f), jnp.asarray(stack.b[index], dtype),
+                              jnp.asarray(stack.a[index], dtype), jnp.asarray(coef, dtype),
+                              jnp.asarray(floor, dtype))
+  valid = np.asarray(valid)
+  if not valid.all():
+    bad = names[int(np.argmin(valid))]
+    raise ValueError(f"fisher: the Fisher of module `{bad}` has negative, NaN or inf "
+                     "entries (a diagonal Fisher is a mean of squares)")
+  return MergedStack(tuple(names), delta=delta)
+
+
+def _merge_stacks(adapters: AdapterSet, fishers: Sequence[Mapping[str, Any]],
+                  covered: Sequence[str], coef: np.ndarray, floor: float, dtype: np.dtype
+                  ) -> tuple[list[MergedStack], list[str]]:
+  """Every stack merged chunk by chunk, modules without Fishers averaged (l-weighted).
+
+  Returns (merged stacks, averaged module names)."""
+  n = len(adapters)
+  out, averaged = [], []
+  for stack, rows, rest in regmean.split_stacks(adapters, covered, dtype):
+    out_dim, in_dim = stack.b.shape[2], stack.a.shape[-1]
+    for index in regmean.module_chunks(rows, 2 * n * out_dim * in_dim * dtype.itemsize):
+      out.append(_merge_chunk(stack, index, fishers, coef, floor, dtype))
+    if rest:
+      out.append(regmean.averaged_stack(stack, rest, coef, dtype))
+      averaged += [stack.modules[i] for i in rest]
+  return out, averaged
 
 
 def fisher_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
@@ -278,38 +360,13 @@ def fisher_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
     raise ValueError(f"fisher: floor must be >= 0, got {floor}")
   dt = decompose.compute_dtype(dtype)
   start = time.perf_counter()
-  n = len(adapters)
-  given = _coefficients(coefficients, n)
-  coef = given
+  given = _coefficients(coefficients, len(adapters))
   regmean.check_base(adapters, base_weights)
   covered = regmean.check_statistics(adapters, fishers, "fisher", lambda oi: oi)
   extra = orchestrate.merge_extra(adapters, modules_to_save)
-  norms = None
-  if normalize and covered:
-    norms = np.sqrt([sum(float(np.sum(np.square(np.asarray(f[m], np.float64)))) for m in covered)
-                     for f in fishers])
-    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
-      raise ValueError(f"fisher: normalize=True needs non-zero finite Fishers; the norms per "
-                       f"task are {norms.tolist()}")
-    coef = coef / norms
-  out, averaged = [], []
-  for stack, rows, rest in regmean.split_stacks(adapters, covered, dt):
-    out_dim, in_dim = stack.b.shape[2], stack.a.shape[-1]
-    for index in regmean.module_chunks(rows, 2 * n * out_dim * in_dim * dt.itemsize):
-      names = [stack.modules[i] for i in index]
-      f = np.stack([np.stack([np.asarray(t[m], dt) for t in fishers]) for m in names])
-      delta, valid = _merge_stack(jnp.asarray(f), jnp.asarray(stack.b[index], dt),
-                                  jnp.asarray(stack.a[index], dt), jnp.asarray(coef, dt),
-                                  jnp.asarray(floor, dt))
-      valid = np.asarray(valid)
-      if not valid.all():
-        bad = names[int(np.argmin(valid))]
-        raise ValueError(f"fisher: the Fisher of module `{bad}` has negative, NaN or inf "
-                         "entries (a diagonal Fisher is a mean of squares)")
-      out.append(MergedStack(tuple(names), delta=delta))
-    if rest:
-      out.append(regmean.averaged_stack(stack, rest, coef, dt))
-      averaged += [stack.modules[i] for i in rest]
+  norms = _fisher_norms(fishers, covered) if normalize and covered else None
+  coef = given if norms is None else given / norms
+  out, averaged = _merge_stacks(adapters, fishers, covered, coef, floor, dt)
   regmean.warn_averaged("fisher", averaged)
   stats = {"fisher_modules": len(covered), "averaged_modules": averaged,
            "fisher_norms": None if norms is None else norms.tolist()}

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from knots_jax.adapters.peft_files import AdapterSet, check_against_base
 from knots_jax.adapters.stacks import FactorStack, stack_adapters
@@ -47,6 +47,7 @@ from knots_jax.alignment import decompose
 from knots_jax.merging import orchestrate
 from knots_jax.merging.result import MergedStack, MergeResult
 from knots_jax.models import lora
+from knots_jax.parallel import sharding
 
 CHUNK_BYTES = 1 << 29   # statistics of at most ~512 MiB go to the device at once
 
@@ -56,6 +57,7 @@ CHUNK_BYTES = 1 << 29   # statistics of at most ~512 MiB go to the device at onc
 
 @functools.lru_cache(maxsize=32)
 def _jitted(forward: Callable) -> Callable:
+  """`nnx.jit(forward)`, one per `forward`: a fresh wrapper every call would recompile."""
   return nnx.jit(forward)
 
 
@@ -64,21 +66,20 @@ def place_batch(batch: Any, mesh: Mesh) -> Any:
 
   Leaves already on `mesh` are kept. The batch axis must divide the mesh size:
   padding rows would be counted as inputs (and change later layers' inputs).
+  The layout is `sharding.batch_sharding`.
   """
-  spec = PartitionSpec(tuple(mesh.axis_names))
   size = mesh.size
 
   def put(x):
-    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) \
-        and x.sharding.mesh == mesh:
+    if sharding.is_on_mesh(x, mesh):
       return x
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % size:
       raise ValueError(f"regmean: a batch leaf of shape {x.shape} cannot be split over the "
                        f"{size} devices of the mesh: its leading (batch) axis must be a "
                        "multiple of the mesh size")
-    sharding = NamedSharding(mesh, PartitionSpec(*spec, *([None] * (x.ndim - 1))))
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim),
+                                        lambda idx: x[idx])
 
   return jax.tree_util.tree_map(put, batch)
 
@@ -317,6 +318,54 @@ def _singular_error(modules, pivots, off_diagonal, ridge, dtype, features, n) ->
       "alpha, e.g. 0.9), more input rows per task, or dtype='float64'.")
 
 
+def _check_solved(names: Sequence[str], finite: np.ndarray, pivots: np.ndarray,
+                  off_diagonal: float, ridge: float, dtype: np.dtype, features: int,
+                  n: int) -> None:
+  """Raises for a chunk whose Grams hold NaN / inf or whose system is singular."""
+  if not finite.all():
+    bad = names[int(np.argmin(finite))]
+    raise ValueError(f"regmean: the Gram matrices of module `{bad}` contain NaN or inf")
+  tol = pivot_tolerance(features, dtype)
+  if (pivots < tol).any():
+    bad = [i for i, p in enumerate(pivots) if p < tol]
+    raise _singular_error([names[i] for i in bad], pivots[bad], off_diagonal, ridge,
+                          dtype.name, features, n)
+
+
+def _solve_chunk(stack: FactorStack, index: list[int], grams: Sequence[Mapping[str, Any]],
+                 off_diagonal: float, ridge: float, dtype: np.dtype
+                 ) -> tuple[MergedStack, float]:
+  """RegMean of `stack`'s modules `index`, one batched solve: (merged, smallest pivot)."""
+  names = [stack.modules[i] for i in index]
+  g = np.stack([np.stack([np.asarray(t[m], dtype) for t in grams]) for m in names])
+  delta, pivots, finite = _solve_stack(
+      jnp.asarray(g), jnp.asarray(stack.b[index], dtype), jnp.asarray(stack.a[index], dtype),
+      jnp.asarray(off_diagonal, dtype), jnp.asarray(ridge, dtype))
+  finite, pivots = np.asarray(finite), np.asarray(pivots, np.float64)
+  _check_solved(names, finite, pivots, off_diagonal, ridge, dtype, stack.a.shape[-1], len(grams))
+  return MergedStack(tuple(names), delta=delta), float(pivots.min())
+
+
+def _solve_stacks(adapters: AdapterSet, grams: Sequence[Mapping[str, Any]],
+                  covered: Sequence[str], off_diagonal: float, ridge: float, dtype: np.dtype
+                  ) -> tuple[list[MergedStack], list[str], float]:
+  """Every stack solved chunk by chunk, modules without Grams averaged.
+
+  Returns (merged stacks, averaged module names, smallest pivot or inf)."""
+  n = len(adapters)
+  out, averaged, smallest = [], [], np.inf
+  for stack, rows, rest in split_stacks(adapters, covered, dtype):
+    features = stack.a.shape[-1]
+    for index in module_chunks(rows, n * features * features * dtype.itemsize):
+      merged, pivot = _solve_chunk(stack, index, grams, off_diagonal, ridge, dtype)
+      smallest = min(smallest, pivot)
+      out.append(merged)
+    if rest:
+      out.append(averaged_stack(stack, rest, np.ones(n), dtype))
+      averaged += [stack.modules[i] for i in rest]
+  return out, averaged, smallest
+
+
 def regmean_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
                   grams: Sequence[Mapping[str, Any]], *, off_diagonal: float = 1.0,
                   ridge: float = 0.0, dtype: str = "float32",
@@ -365,30 +414,7 @@ def regmean_merge(adapters: AdapterSet, base_weights: Mapping[str, Any] | None,
   check_base(adapters, base_weights)
   covered = check_statistics(adapters, grams, "regmean", lambda oi: (oi[1], oi[1]))
   extra = orchestrate.merge_extra(adapters, modules_to_save)
-  n = len(adapters)
-  out, averaged, smallest = [], [], np.inf
-  for stack, rows, rest in split_stacks(adapters, covered, dt):
-    features = stack.a.shape[-1]
-    tol = pivot_tolerance(features, dt)
-    for index in module_chunks(rows, n * features * features * dt.itemsize):
-      names = [stack.modules[i] for i in index]
-      g = np.stack([np.stack([np.asarray(t[m], dt) for t in grams]) for m in names])
-      delta, pivots, finite = _solve_stack(
-          jnp.asarray(g), jnp.asarray(stack.b[index], dt), jnp.asarray(stack.a[index], dt),
-          jnp.asarray(off_diagonal, dt), jnp.asarray(ridge, dt))
-      finite, pivots = np.asarray(finite), np.asarray(pivots, np.float64)
-      if not finite.all():
-        bad = names[int(np.argmin(finite))]
-        raise ValueError(f"regmean: the Gram matrices of module `{bad}` contain NaN or inf")
-      if (pivots < tol).any():
-        bad = [i for i, p in enumerate(pivots) if p < tol]
-        raise _singular_error([names[i] for i in bad], pivots[bad], off_diagonal, ridge,
-                              dt.name, features, n)
-      smallest = min(smallest, float(pivots.min()))
-      out.append(MergedStack(tuple(names), delta=delta))
-    if rest:
-      out.append(averaged_stack(stack, rest, np.ones(n), dt))
-      averaged += [stack.modules[i] for i in rest]
+  out, averaged, smallest = _solve_stacks(adapters, grams, covered, off_diagonal, ridge, dt)
   warn_averaged("regmean", averaged)
   stats = {"gram_modules": len(covered), "averaged_modules": averaged,
            "smallest_pivot": smallest if np.isfinite(smallest) else None}

@@ -14,6 +14,10 @@ from typing import Iterator, Mapping
 import jax
 import numpy as np
 
+from knots_jax.methods.options import MergeConfig
+
+KNOTS_CONFIG = "knots_config.json"   # written beside every output: how it was made
+
 
 @dataclasses.dataclass(frozen=True)
 class MergedStack:
@@ -37,6 +41,14 @@ class MergeResult:
   settings: Mapping[str, object]               # the resolved hyper-parameters
   extra: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
   stats: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  config: MergeConfig | None = None            # how it was merged (None: not by `merge`)
+
+  def record(self, **more: object) -> dict:
+    """How an output of this result was made (its `knots_config.json`): the method, its
+    settings and statistics, plus `more` (what the writer wrote). The one builder of it."""
+    return {"method": self.method, "settings": dict(self.settings),
+            "stats": dict(self.stats), "modules": len(self.module_names),
+            "extra": sorted(self.extra), **more}
 
   @property
   def is_factored(self) -> bool:

@@ -35,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from knots_jax.alignment import decompose
-from knots_jax.merging import orchestrate
-from knots_jax.methods import registry, svd_family
+from knots_jax.merging import kernels
+from knots_jax.merging.combine import combine
+from knots_jax.methods.options import MergeConfig
+from knots_jax.methods import registry
 
 RULES = ("copy", "norm", "additive", "matrix")
 ENTRYWISE = ("ta", "mean", "ties", "dare", "dare_ties")
@@ -80,7 +82,9 @@ def tensor_rules(base: Mapping[str, np.ndarray],
   return out
 
 
-def _check_models(base: Mapping[str, np.ndarray], finetuned: Sequence[Mapping[str, np.ndarray]]):
+def _check_models(base: Mapping[str, np.ndarray],
+                  finetuned: Sequence[Mapping[str, np.ndarray]]) -> None:
+  """Raises unless `finetuned` is a non-empty list of models with the base's names and shapes."""
   if not isinstance(finetuned, (list, tuple)) or not finetuned:
     raise ValueError("merge_task_vectors: `finetuned` must be a non-empty list of state dicts")
   if not base:
@@ -119,8 +123,9 @@ def _entrywise(names, tau, spec, gamma, top_k, drop_rate, seed, top_k_scope, dt)
   stacks = _by_shape(names, tau)
   reps = [jnp.asarray(np.stack([_as_matrix(tau[n]) for n in group]), dt) for group in stacks]
   valids = [jnp.ones(r.shape[:1] + r.shape[2:3], bool) for r in reps]
-  merged, _ = orchestrate.combine(reps, valids, stacks, spec, scaling=gamma, top_k=top_k,
-                              drop_rate=drop_rate, seed=seed, top_k_scope=top_k_scope)
+  config = MergeConfig(method=spec.name, scaling=gamma, top_k=top_k, drop_rate=drop_rate,
+                       seed=seed, top_k_scope=top_k_scope)
+  merged, _ = combine(reps, valids, stacks, config)
   return {name: np.asarray(m[l]).reshape(tau[name].shape[1:])
           for group, m in zip(stacks, merged) for l, name in enumerate(group)}
 
@@ -130,9 +135,60 @@ def _sftm(names, tau, gamma, eta, dt):
   out = {}
   for group in _by_shape(names, tau):
     delta = jnp.asarray(np.stack([tau[n] for n in group]), dt)
-    update, _ = svd_family.sftm_dense_stack(delta, eta=eta, gamma=gamma, modules=group)
+    update, _ = kernels.sftm_dense_stack(delta, eta=eta, gamma=gamma, modules=group)
     out.update({name: np.asarray(update[l]) for l, name in enumerate(group)})
   return out
+
+
+def _check_options(method: str, gamma: float, eta: float, rules: Mapping[str, str] | None
+                   ) -> None:
+  """Raises for an unknown method, a non-finite gamma, eta outside (0, 1], misplaced rules."""
+  if method not in METHODS:
+    raise ValueError(f"merge_task_vectors: unknown method `{method}`; valid: {', '.join(METHODS)}")
+  if not np.isfinite(gamma):
+    raise ValueError(f"merge_task_vectors: gamma must be finite; got {gamma}")
+  if not 0.0 < eta <= 1.0:
+    raise ValueError(f"merge_task_vectors: eta must be in (0, 1]; got {eta}")
+  if method != "sftm" and rules:
+    raise ValueError("merge_task_vectors: `rules` only apply to method `sftm`")
+
+
+def _rules_for(method: str, base: Mapping[str, np.ndarray],
+               rules: Mapping[str, str] | None) -> dict[str, str]:
+  """{name: rule}: SFTM's rules, or for the entrywise methods "copy" / "additive" only."""
+  if method == "sftm":
+    return tensor_rules(base, rules)
+  return {name: "copy" if tensor_rule(name, value) == "copy" else "additive"
+          for name, value in base.items()}
+
+
+def _copied(base: Mapping[str, np.ndarray], finetuned: Sequence[Mapping[str, np.ndarray]],
+            rule: Mapping[str, str]) -> dict[str, np.ndarray]:
+  """The "copy" tensors of `base`; raises when a fine-tuned model holds other values."""
+  copied = [name for name, r in rule.items() if r == "copy"]
+  for name in copied:
+    if any(not np.array_equal(model[name], base[name]) for model in finetuned):
+      raise ValueError(f"merge_task_vectors: non-floating tensor `{name}` differs between the "
+                       "models; it cannot be merged")
+  return {name: np.asarray(base[name]) for name in copied}
+
+
+def _task_vectors(base: Mapping[str, np.ndarray], finetuned: Sequence[Mapping[str, np.ndarray]],
+                  names: Sequence[str]) -> dict[str, np.ndarray]:
+  """{name: tau [n, ...]}: P_i - P_pre of every model, float64."""
+  return {name: np.stack([np.asarray(m[name], np.float64) for m in finetuned])
+          - np.asarray(base[name], np.float64) for name in names}
+
+
+def _sftm_updates(floating: Sequence[str], rule: Mapping[str, str], tau: Mapping[str, np.ndarray],
+                  gamma: float, eta: float, dt) -> dict[str, np.ndarray]:
+  """P - P_pre of every floating tensor under its SFTM rule (matrix, additive, norm)."""
+  matrices = [name for name in floating if rule[name] == "matrix"]
+  updates = _sftm(matrices, tau, gamma, eta, dt) if matrices else {}
+  updates.update({name: gamma * tau[name].sum(0) for name in floating
+                  if rule[name] == "additive"})
+  updates.update({name: tau[name].mean(0) for name in floating if rule[name] == "norm"})
+  return updates
 
 
 def merge_task_vectors(
@@ -164,39 +220,18 @@ def merge_task_vectors(
     dtype: "float32" or "float64" (needs jax x64) for the computation; the
       result has the base's dtypes.
   """
-  if method not in METHODS:
-    raise ValueError(f"merge_task_vectors: unknown method `{method}`; valid: {', '.join(METHODS)}")
-  if not np.isfinite(gamma):
-    raise ValueError(f"merge_task_vectors: gamma must be finite; got {gamma}")
-  if not 0.0 < eta <= 1.0:
-    raise ValueError(f"merge_task_vectors: eta must be in (0, 1]; got {eta}")
-  if method != "sftm" and rules:
-    raise ValueError("merge_task_vectors: `rules` only apply to method `sftm`")
+  _check_options(method, gamma, eta, rules)
   _check_models(base, finetuned)
   dt = decompose.compute_dtype(dtype)
-  if method == "sftm":
-    rule = tensor_rules(base, rules)
-  else:
-    rule = {name: tensor_rule(name, value) for name, value in base.items()}
-    rule = {name: "copy" if r == "copy" else "additive" for name, r in rule.items()}
-  for name in (n for n, r in rule.items() if r == "copy"):
-    if any(not np.array_equal(model[name], base[name]) for model in finetuned):
-      raise ValueError(f"merge_task_vectors: non-floating tensor `{name}` differs between the "
-                       "models; it cannot be merged")
-  merged = {name: np.asarray(base[name]) for name, r in rule.items() if r == "copy"}
+  rule = _rules_for(method, base, rules)
+  merged = _copied(base, finetuned, rule)
   floating = [name for name, r in rule.items() if r != "copy"]
-  tau = {name: np.stack([np.asarray(m[name], np.float64) for m in finetuned])
-         - np.asarray(base[name], np.float64) for name in floating}
-
-  if method != "sftm":
+  tau = _task_vectors(base, finetuned, floating)
+  if method == "sftm":
+    updates = _sftm_updates(floating, rule, tau, gamma, eta, dt)
+  else:
     spec = registry.get_method(method)
     updates = _entrywise(floating, tau, spec, gamma, top_k, drop_rate, seed, top_k_scope, dt)
-  else:
-    matrices = [name for name in floating if rule[name] == "matrix"]
-    updates = _sftm(matrices, tau, gamma, eta, dt) if matrices else {}
-    updates.update({name: gamma * tau[name].sum(0) for name in floating
-                    if rule[name] == "additive"})
-    updates.update({name: tau[name].mean(0) for name in floating if rule[name] == "norm"})
   for name in floating:   # mean_i P_i = P_pre + mean_i tau_i for the norms
     merged[name] = (np.asarray(base[name], np.float64) + updates[name]).astype(
         np.asarray(base[name]).dtype)

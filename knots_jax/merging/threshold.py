@@ -18,8 +18,8 @@ Magnitudes are compared as the integer bit patterns of |x| (monotone for
 non-negative floats), so counts and brackets are exact. Every pass is a jitted
 reduction over a stack, which XLA distributes when the stack is sharded.
 
-A stack may also be given lazily, as a zero-argument callable returning the
-[L, n, R, C] array: it is then called once per pass, its result is used and
+A stack may also be given lazily, as a `lazy.LazyStack` making the
+[L, n, R, C] array: it is then made once per pass, its result is used and
 dropped before the next stack is made, so at most one stack is held at a time
 (the dense TIES baselines build each stack's b @ a on the fly this way).
 """
@@ -28,31 +28,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence, Union
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from knots_jax.merging.lazy import Stack, is_lazy, materialize, shape_of
 from knots_jax.parallel.sharding import STACK, like, stack_spec, to_host
 
 _CAP = 1 << 16            # most values extracted per task and stack
 _SAMPLES = 1 << 20        # about this many sampled values per task for the initial bracket
 _Z = 3.5                  # bracket half-width in binomial standard deviations
-
-
-Stack = Union[jax.Array, Callable[[], jax.Array]]
-
-
-def get_stack(x: Stack) -> jax.Array:
-  """The array of a stack given as an array or as a zero-argument callable."""
-  return x() if callable(x) else x
-
-
-def stack_shape(x: Stack):
-  """Shape and dtype of a stack without computing a lazy one (`jax.eval_shape`)."""
-  return jax.eval_shape(x) if callable(x) else x
 
 
 def _int_dtype(dtype) -> np.dtype:
@@ -150,12 +138,12 @@ def _interpolate(lo_key, hi_key, position: float, half_width: float, dtype):
 def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
   """Sample quantiles around rank/count, per task."""
   n = len(ranks)
-  shapes = [stack_shape(x).shape for x in xs]
+  shapes = [shape_of(x).shape for x in xs]
   total = sum(int(np.prod(s)) // s[1] for s in shapes)
   parts = []
   for x, shape, valid in zip(xs, shapes, valids):
     stride = sample_stride(total, shape[3])
-    part = to_host(_sample(get_stack(x), valid, stride))
+    part = to_host(_sample(materialize(x), valid, stride))
     parts.append(np.where(part >= 0, part.view(int_dtype), -1))   # bit patterns, -1: invalid
   samples = np.concatenate(parts)
   lo = np.zeros(n, int_dtype)
@@ -178,59 +166,28 @@ def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
   return lo, hi
 
 
-def kth_smallest_magnitude(
-    xs: Sequence[Stack],
-    valids: Sequence[jax.Array],
-    ranks: Sequence[int],
-    *,
-    cap: int = _CAP,
-) -> np.ndarray:
-  """The exact `ranks[t]`-th smallest |x| of task t over all stacks.
+def _count_all(xs, valids, lo, hi, ref, dtype, n: int):
+  """One counting pass over every stack: per task, the valid values below `lo` and inside
+  [lo, hi] (brackets as integer keys)."""
+  below = np.zeros(n, np.int64)
+  inside = np.zeros(n, np.int64)
+  lo_f, hi_f = like(ref, _to_float(lo, dtype)), like(ref, _to_float(hi, dtype))
+  for x, v in zip(xs, valids):
+    b, i = _count(materialize(x), v, lo_f, hi_f)
+    below += to_host(b)
+    inside += to_host(i)
+  return below, inside
 
-  Args:
-    xs: stacks [L, n, R, C] (task axis 1), all of one float dtype; each an
-      array or a zero-argument callable returning it (made once per pass and
-      dropped after use: about one stack in memory at a time).
-    valids: per stack [L, R]; invalid rows are not counted.
-    ranks: 1-based rank per task; 0 means "no threshold" and gives 0.
 
-  Returns:
-    [n] thresholds in the dtype of xs.
-  """
-  shapes = [stack_shape(x) for x in xs]
-  dtype = np.dtype(shapes[0].dtype)
-  int_dtype = _int_dtype(dtype)
-  max_key = _max_key(dtype)
-  n = shapes[0].shape[1]
-  ref = valids[0] if callable(xs[0]) else xs[0]   # placement of small host values
-  ranks = np.asarray(ranks, np.int64)
-  counts = sum(int(np.sum(to_host(v))) * s.shape[3] for s, v in zip(shapes, valids))
-  if np.any(ranks > counts) or np.any(ranks < 0):
-    raise ValueError(f"ranks {ranks.tolist()} outside [0, {counts}]")
-  active = ranks > 0
-  result = np.zeros(n, dtype)
-  if not active.any():
-    return result
-
-  def count(lo, hi):
-    below = np.zeros(n, np.int64)
-    inside = np.zeros(n, np.int64)
-    lo_f, hi_f = like(ref, _to_float(lo, dtype)), like(ref, _to_float(hi, dtype))
-    for x, v in zip(xs, valids):
-      b, i = _count(get_stack(x), v, lo_f, hi_f)
-      below += to_host(b)
-      inside += to_host(i)
-    return below, inside
-
-  if counts <= cap:
-    lo, hi = np.zeros(n, int_dtype), np.full(n, max_key, int_dtype)
-  else:
-    lo, hi = _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype)
+def _narrow_brackets(count, lo, hi, ranks, active, max_key, int_dtype, dtype, cap: int):
+  """Counting passes until every active task's bracket [lo, hi] holds its k-th value with at
+  most `cap` values to extract below it: once an interpolation step, then bisection.
+  Updates `lo`, `hi` in place; returns the counts below `lo` of the last pass."""
+  n = len(ranks)
   known_lo = np.zeros(n, np.int64)
   known_hi = np.full(n, max_key, np.int64)
   interpolated = np.zeros(n, bool)
   ready = ~active
-  below = np.zeros(n, np.int64)
   for _ in range(2 * 8 * int_dtype.itemsize + 4):
     below, inside = count(lo, hi)
     for t in np.flatnonzero(~ready):
@@ -253,21 +210,65 @@ def kth_smallest_magnitude(
       lo[t] = known_lo[t]                      # bisect the known bracket
       hi[t] = (known_lo[t] + known_hi[t]) // 2
     if ready.all():
-      break
-  else:
-    raise RuntimeError("k-th value search did not converge")
+      return below
+  raise RuntimeError("k-th value search did not converge")
 
-  # Extract the smallest keys inside each bracket and pick the exact one.
+
+def _extract_kth(xs, valids, shapes, lo, hi, below, ranks, active, ref, dtype) -> np.ndarray:
+  """The extraction pass: the smallest values inside each task's bracket, and the exact k-th."""
+  n = len(ranks)
   need = int(max(1, np.max(np.where(active, ranks - below, 1))))
   found = [[] for _ in range(n)]
   lo_f, hi_f = like(ref, _to_float(lo, dtype)), like(ref, _to_float(hi, dtype))
   for s, x, v in zip(shapes, xs, valids):
     size = int(np.prod(s.shape)) // n
     k = min(size, 1 << int(np.ceil(np.log2(need))))
-    top = to_host(_extract_any(get_stack(x), v, lo_f, hi_f, k))
+    top = to_host(_extract_any(materialize(x), v, lo_f, hi_f, k))
     for t in range(n):
       found[t].append(top[t][np.isfinite(top[t])])
+  result = np.zeros(n, dtype)
   for t in np.flatnonzero(active):
     values = np.sort(np.concatenate(found[t]))
     result[t] = values[ranks[t] - below[t] - 1]
   return result
+
+
+def kth_smallest_magnitude(
+    xs: Sequence[Stack],
+    valids: Sequence[jax.Array],
+    ranks: Sequence[int],
+    *,
+    cap: int = _CAP,
+) -> np.ndarray:
+  """The exact `ranks[t]`-th smallest |x| of task t over all stacks.
+
+  Args:
+    xs: stacks [L, n, R, C] (task axis 1), all of one float dtype; each an
+      array or a `LazyStack` making it (made once per pass and
+      dropped after use: about one stack in memory at a time).
+    valids: per stack [L, R]; invalid rows are not counted.
+    ranks: 1-based rank per task; 0 means "no threshold" and gives 0.
+
+  Returns:
+    [n] thresholds in the dtype of xs.
+  """
+  shapes = [shape_of(x) for x in xs]
+  dtype = np.dtype(shapes[0].dtype)
+  int_dtype = _int_dtype(dtype)
+  max_key = _max_key(dtype)
+  n = shapes[0].shape[1]
+  ref = valids[0] if is_lazy(xs[0]) else xs[0]   # placement of small host values
+  ranks = np.asarray(ranks, np.int64)
+  counts = sum(int(np.sum(to_host(v))) * s.shape[3] for s, v in zip(shapes, valids))
+  if np.any(ranks > counts) or np.any(ranks < 0):
+    raise ValueError(f"ranks {ranks.tolist()} outside [0, {counts}]")
+  active = ranks > 0
+  if not active.any():
+    return np.zeros(n, dtype)
+  if counts <= cap:
+    lo, hi = np.zeros(n, int_dtype), np.full(n, max_key, int_dtype)
+  else:
+    lo, hi = _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype)
+  count = lambda lo, hi: _count_all(xs, valids, lo, hi, ref, dtype, n)  # noqa: E731
+  below = _narrow_brackets(count, lo, hi, ranks, active, max_key, int_dtype, dtype, cap)
+  return _extract_kth(xs, valids, shapes, lo, hi, below, ranks, active, ref, dtype)

@@ -1,13 +1,14 @@
-"""The merging methods as pure functions of `[n, ...]` arrays, and their table.
+"""The merging methods: their table, their options, and their math as pure functions.
 
+* `registry`: `METHODS`, one row per method with its paper and space (pure data).
+* `options`: `MergeConfig`, every merge option declared and validated once.
 * `entrywise`: task arithmetic, averaging, DARE, magnitude masks, sign
   election, disjoint mean (TIES) of one module's values.
-* `svd_family`: DM / MM and SVD_r, Iso-C, Iso-CTS, TSV-M, SFTM from LoRA
+* `svd_family`: DM / MM, Iso-C, Iso-CTS, TSV-M, SFTM of one module, from LoRA
   factors or dense updates.
-* `truncated_svd`: SVD_r of an update given by its factors, or dense.
-* `registry`: `METHODS`, one row per method with its paper and space.
+* `truncated_svd`: SVD_r of one update given by its factors, or dense.
+
+Nothing here is compiled: `knots_jax.merging.kernels` jits the math over stacks.
 """
 
-from knots_jax.methods.registry import METHOD_OPTIONS, METHODS, Method, get_method
-
-__all__ = ["METHODS", "METHOD_OPTIONS", "Method", "get_method"]
+__all__ = ["entrywise", "options", "registry", "svd_family", "truncated_svd"]

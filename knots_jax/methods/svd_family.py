@@ -2,8 +2,8 @@
 
 Per-module functions take one module's per-task factors `b` [n, out, r] (PEFT
 scale folded in, ranks zero-padded) and `a` [n, r, in], or dense task updates
-`delta` [n, out, in]; the `*_stack` helpers vmap them over the stack axis L
-under `jax.jit`. Merged updates come back as LoRA factors (`b_m @ a_m`) with no
+`delta` [n, out, in]; `knots_jax.merging.kernels` compiles them over a stack
+of modules (no jit here). Merged updates come back as LoRA factors (`b_m @ a_m`) with no
 dense out x in matrix, or as dense matrices for the `*_dense` references.
 
 * "LoRA Merging with SVD: Understanding Interference and Preserving
@@ -29,16 +29,9 @@ two polar factors of TSV-M and Iso-CTS share one batched SVD.
 
 from __future__ import annotations
 
-import functools
-import warnings
-import zlib
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from knots_jax.methods import truncated_svd
 from knots_jax.methods.entrywise import kth_rank
 from knots_jax.methods.truncated_svd import factored_svd
 
@@ -49,7 +42,7 @@ POLAR_RTOL = 1e-6
 # ---------------------------------------------------------------- helpers
 
 
-def _check_factors(b, a, ndim: int = 3) -> None:
+def check_factors(b, a, ndim: int = 3) -> None:
   """b [..., n, out, r] and a [..., n, r, in] with matching leading axes."""
   if (b.ndim != ndim or a.ndim != ndim or b.shape[:-2] != a.shape[:-2]
       or b.shape[-1] != a.shape[-2]):
@@ -57,7 +50,7 @@ def _check_factors(b, a, ndim: int = 3) -> None:
     raise ValueError(f"need b [{lead}, out, r] and a [{lead}, r, in]; got {b.shape} and {a.shape}")
 
 
-def _check_weights(weights, n: int) -> jax.Array:
+def check_weights(weights, n: int) -> jax.Array:
   weights = jnp.asarray(weights)
   if weights.shape != (n,):
     raise ValueError(f"weights must have one entry per adapter ({n}); got shape {weights.shape}")
@@ -99,14 +92,6 @@ def _fro_factored(b: jax.Array, a: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(jnp.sum((b.T @ b) * (a @ a.T)), 0))
 
 
-def _stack(fn, static=()):
-  """jit(vmap(fn)) over the leading axis of the array arguments `b`, `a` (or `delta`)."""
-  @functools.partial(jax.jit, static_argnames=static)
-  def run(*arrays, **kwargs):
-    return jax.vmap(functools.partial(fn, **kwargs))(*arrays)
-  return run
-
-
 # ------------------------------------------------ LoRA Merging with SVD (DM / MM)
 
 
@@ -116,7 +101,7 @@ def direct_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
   Keeps LoRA's rank r; the product (sum w_i B_i)(sum w_j A_j) contains the
   cross terms w_i w_j B_i A_j (i != j). Returns (b_dm [out, r], a_dm [r, in]).
   """
-  w = _check_weights(weights, b.shape[0])
+  w = check_weights(weights, b.shape[0])
   return jnp.einsum("n,nor->or", w, b), jnp.einsum("n,nri->ri", w, a)
 
 
@@ -126,7 +111,7 @@ def multiplied_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
   Returned as concatenated factors [w_1 B_1, ..., w_n B_n] [out, n r] and
   [A_1; ...; A_n] [n r, in] (rank n r, no dense matrix).
   """
-  w = _check_weights(weights, b.shape[0])
+  w = check_weights(weights, b.shape[0])
   return _cat_b(w[:, None, None] * b), _cat_a(a)
 
 
@@ -146,82 +131,12 @@ def cross_term_dense(b: jax.Array, a: jax.Array, weights: jax.Array) -> jax.Arra
   return b_x @ a_x
 
 
-direct_merge_stack = jax.jit(jax.vmap(direct_merge, in_axes=(0, 0, None)))
-multiplied_merge_stack = jax.jit(jax.vmap(multiplied_merge, in_axes=(0, 0, None)))
-cross_term_stack = jax.jit(jax.vmap(cross_term, in_axes=(0, 0, None)))
-
-
-def _cross_norm(b, a, weights):
+def cross_norm(b, a, weights):
   return _fro_factored(*cross_term(b, a, weights))
 
 
-def _mm_norm(b, a, weights):
+def mm_norm(b, a, weights):
   return _fro_factored(*multiplied_merge(b, a, weights))
-
-
-_cross_norm_stack = jax.jit(jax.vmap(_cross_norm, in_axes=(0, 0, None)))
-_mm_norm_stack = jax.jit(jax.vmap(_mm_norm, in_axes=(0, 0, None)))
-
-
-def svd_r_error_bound(b: jax.Array, a: jax.Array, weights, rank: int | None = None):
-  """Both sides of the bound of "LoRA Merging with SVD" for a stack of modules.
-
-  Args:
-    b: [L, n, out, r]; a: [L, n, r, in]; weights: [n].
-    rank: r of SVD_r (default: the padded LoRA rank r, the rank of L_DM).
-
-  Returns:
-    (truncation_error [L] = ||L_MM - SVD_r(L_MM)||_F,
-     cross_term_error [L] = ||L_DM - L_MM||_F).
-  Since rank(L_DM) <= r and SVD_r(L_MM) is the best rank-r approximation of
-  L_MM (Eckart-Young), truncation_error <= cross_term_error whenever
-  `rank` >= r. SVD_r comes from `truncated_svd.truncate_factors` (no dense matrix).
-  """
-  b, a = jnp.asarray(b), jnp.asarray(a)
-  _check_factors(b, a, ndim=4)
-  weights = _check_weights(weights, b.shape[1])
-  rank = b.shape[-1] if rank is None else rank
-  b_mm, a_mm = multiplied_merge_stack(b, a, weights)
-  _, _, rel = truncated_svd.truncate_factors(b_mm, a_mm, rank)
-  trunc = rel * _mm_norm_stack(b, a, weights)
-  return trunc, _cross_norm_stack(b, a, weights)
-
-
-def svd_r_error_bound_holds(b, a, weights, rank: int | None = None,
-                            rtol: float = 1e-6) -> np.ndarray:
-  """[L] booleans: ||L_MM - SVD_r(L_MM)||_F <= ||L_DM - L_MM||_F (to rounding)."""
-  trunc, cross = svd_r_error_bound(b, a, weights, rank)
-  trunc, cross = np.asarray(trunc), np.asarray(cross)
-  return trunc <= cross + rtol * np.maximum(trunc, 1e-30)
-
-
-def mm_svd_stack(b, a, weights, rank: int | None = None):
-  """SVD_r(L_MM) for a stack: the best rank-`rank` LoRA of sum_i w_i B_i A_i.
-
-  The merge proposed by "LoRA Merging with SVD": MM's update, truncated back to
-  LoRA's rank (B = U_r, A = S_r V_r^T), from the factors (`truncated_svd.truncate_factors`).
-  b [L, n, out, r], a [L, n, r, in], weights [n]; rank defaults to the padded r.
-  Returns (b_r [L, out, rank], a_r [L, rank, in]).
-  """
-  b, a = jnp.asarray(b), jnp.asarray(a)
-  _check_factors(b, a, ndim=4)
-  weights = _check_weights(weights, b.shape[1])
-  rank = b.shape[-1] if rank is None else rank
-  b_r, a_r, _ = truncated_svd.truncate_factors(*multiplied_merge_stack(b, a, weights), rank)
-  return b_r, a_r
-
-
-def module_keys(seed: int, modules: Sequence[str]) -> jax.Array:
-  """One PRNG key per module from the seed and the module's name only.
-
-  A module's key does not depend on which stack it sits in or where, so its
-  random draws are the same however the modules are grouped.
-  """
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"seed must be an integer; got {seed!r}")
-  codes = jnp.asarray([zlib.crc32(m.encode()) for m in modules], jnp.uint32)
-  base = jax.random.key(int(seed))
-  return jax.vmap(lambda c: jax.random.fold_in(base, c))(codes)
 
 
 def cross_term_noise(b: jax.Array, a: jax.Array, weights: jax.Array, key: jax.Array) -> jax.Array:
@@ -233,29 +148,12 @@ def cross_term_noise(b: jax.Array, a: jax.Array, weights: jax.Array, key: jax.Ar
   (an isotropic Gaussian direction, so ||N||_F = ||M||_F exactly); ||M||_F
   comes from the factors. N is full-rank, so the result is dense [out, in].
   """
-  w = _check_weights(weights, b.shape[0])
-  target = _cross_norm(b, a, w)
+  w = check_weights(weights, b.shape[0])
+  target = cross_norm(b, a, w)
   g = jax.random.normal(key, (b.shape[1], a.shape[2]), b.dtype)
   g_norm = jnp.linalg.norm(g)
   b_mm, a_mm = multiplied_merge(b, a, w)
   return b_mm @ a_mm + g * (target / jnp.where(g_norm > 0, g_norm, 1))
-
-
-_cross_term_noise_stack = jax.jit(jax.vmap(cross_term_noise, in_axes=(0, 0, None, 0)))
-
-
-def cross_term_noise_stack(b, a, weights, seed: int, modules: Sequence[str]) -> jax.Array:
-  """`cross_term_noise` over a stack b [L, n, out, r], a [L, n, r, in] -> [L, out, in].
-
-  Module l draws its noise from `module_keys(seed, modules)[l]`: deterministic
-  given the seed, independent across modules.
-  """
-  b, a = jnp.asarray(b), jnp.asarray(a)
-  _check_factors(b, a, ndim=4)
-  weights = _check_weights(weights, b.shape[1])
-  if len(modules) != b.shape[0]:
-    raise ValueError(f"need one module name per stacked module ({b.shape[0]}); got {len(modules)}")
-  return _cross_term_noise_stack(b, a, weights, module_keys(seed, modules))
 
 
 # ------------------------------------------------- linear mode connectivity
@@ -562,46 +460,3 @@ def sftm_dense(delta: jax.Array, eta: float = 1.0, gamma: float = 1.0,
   return b_m @ a_m, alpha, deficient
 
 
-# --------------------------------------------------------------------- stacks
-
-iso_c_stack = _stack(iso_c, ("scaling", "mean", "rtol"))
-iso_c_dense_stack = _stack(iso_c_dense, ("scaling", "mean", "rtol"))
-iso_cts_stack = _stack(iso_cts, ("common_fraction", "scaling", "space", "rtol"))
-iso_cts_dense_stack = _stack(iso_cts_dense, ("common_fraction", "scaling", "space", "rtol"))
-tsv_merge_stack = _stack(tsv_merge, ("keep", "scaling", "rtol"))
-tsv_merge_dense_stack = _stack(tsv_merge_dense, ("keep", "scaling", "rtol"))
-tsv_merge_ranked_stack = _stack(tsv_merge_ranked, ("scaling", "rtol"))
-_sftm_stack = _stack(sftm, ("gamma", "rtol"))
-_sftm_dense_stack = _stack(sftm_dense, ("eta", "gamma", "rtol"))
-
-
-def _warn_singular(deficient, modules=None) -> None:
-  bad = np.flatnonzero(np.asarray(deficient))
-  if bad.size:
-    names = [modules[i] for i in bad] if modules is not None else bad.tolist()
-    warnings.warn(f"SFTM: the system (Sigma o U o V) alpha = sigma is singular for "
-                  f"{len(bad)} module(s) {names[:5]}; used the least-squares "
-                  f"minimum-norm solution", RuntimeWarning, stacklevel=3)
-
-
-def sftm_stack(b, a, gamma: float = 1.0, rtol: float = DEFAULT_RTOL, modules=None):
-  """SFTM over a stack b [L, n, out, r], a [L, n, r, in]; warns where the system is singular.
-
-  Returns (b_m [L, out, n m], a_m [L, n m, in], alpha [L, n, m]).
-  """
-  b, a = jnp.asarray(b), jnp.asarray(a)
-  _check_factors(b, a, ndim=4)
-  b_m, a_m, alpha, deficient = _sftm_stack(b, a, gamma=gamma, rtol=rtol)
-  _warn_singular(deficient, modules)
-  return b_m, a_m, alpha
-
-
-def sftm_dense_stack(delta, eta: float = 1.0, gamma: float = 1.0,
-                     rtol: float = DEFAULT_RTOL, modules=None):
-  """SFTM over dense updates [L, n, out, in]; returns (update [L, out, in], alpha)."""
-  delta = jnp.asarray(delta)
-  if delta.ndim != 4:
-    raise ValueError(f"sftm_dense_stack needs delta [L, n, out, in]; got shape {delta.shape}")
-  update, alpha, deficient = _sftm_dense_stack(delta, eta=eta, gamma=gamma, rtol=rtol)
-  _warn_singular(deficient, modules)
-  return update, alpha

@@ -5,7 +5,7 @@ family: Llama 2 / 3 / 3.1 / 3.2, TinyLlama, ...) for evaluating merged LoRA
 adapters in JAX, without torch:
 
 * the base model is read from a HF safetensors checkpoint (one file or sharded
-  with `model.safetensors.index.json`) with `hf_checkpoint.read_backbone`;
+  with `model.safetensors.index.json`) with `sharded_read.read_backbone`;
 * a merged model is the same model loaded from merged weights,
   `from_pretrained(base_dir, weights=backbone.merged_model_weights(result, base_dir))`;
 * a fine-tuned baseline is the base with one PEFT adapter attached

@@ -8,7 +8,7 @@ model is built abstractly (`nnx.eval_shape`, no random weights allocated) and
 * from a HF checkpoint directory (one safetensors file or a sharded index):
   every shape is checked against the safetensors headers first, so an error
   names the shard file and the key; the tensors are read with
-  `hf_checkpoint.read_backbone` (with a mesh, each device reads its own rows);
+  `sharded_read.read_backbone` (with a mesh, each device reads its own rows);
 * or from `weights=`, a {key: array} mapping or a (key, array) iterator, e.g.
   `full_model.merged_model_weights(result, model_dir)` for a merged model.
 
@@ -29,6 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from knots_jax.io import hf_checkpoint
+
+from knots_jax.io import sharded_read
 from knots_jax.parallel import sharding as sharding_lib
 
 Targets = Mapping[str, tuple[nnx.Variable, bool]]     # HF key -> (variable, transposed)
@@ -102,7 +104,7 @@ def load_pretrained(build: Callable[[], M], targets_of: Callable[[M], Targets], 
       raise missing_error(source, missing, hint(missing))
     check_shapes(targets, hf_checkpoint.weight_shapes(model_dir),
                  lambda key: files[key])
-    tensors = hf_checkpoint.read_backbone(model_dir, keys=list(targets), mesh=mesh, dtype=dtype)
+    tensors = sharded_read.read_backbone(model_dir, keys=list(targets), mesh=mesh, dtype=dtype)
   else:
     source = f"weights given for `{model_dir}`"
     items = weights.items() if isinstance(weights, Mapping) else weights

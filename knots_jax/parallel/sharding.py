@@ -89,6 +89,32 @@ def weight_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
   return replicated(mesh)
 
 
+def batch_spec(mesh: Mesh, ndim: int) -> PartitionSpec:
+  """`P((every axis of mesh), None, ...)`: a batch leaf's axis 0 over the whole mesh.
+
+  Data batches (forward passes that record Grams or Fishers) split their
+  examples over every device, whatever the axes are named (the `stack` mesh
+  of `make_mesh` or a user's own mesh); the other `ndim - 1` axes are replicated.
+  """
+  if ndim < 1:
+    raise ValueError(f"a batch leaf has at least one axis (the batch axis), got ndim={ndim}")
+  return PartitionSpec(tuple(mesh.axis_names), *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Sharding of a batch leaf with `ndim` axes: `batch_spec` on `mesh`.
+
+  Axis 0 must be a multiple of `mesh.size` (padding rows would count as inputs).
+  """
+  return NamedSharding(mesh, batch_spec(mesh, ndim))
+
+
+def is_on_mesh(x: object, mesh: Mesh) -> bool:
+  """Whether `x` is a jax.Array already laid out by a NamedSharding over `mesh`."""
+  return isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) \
+      and x.sharding.mesh == mesh
+
+
 def place_stack(x: np.ndarray | jax.Array, mesh: Mesh, dtype=None, fill=0) -> jax.Array:
   """A host stack [L, ...] as a global array [padded_length(L), ...] sharded over `stack`.
 
@@ -194,6 +220,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 __all__ = ["STACK", "make_mesh", "stack_spec", "stack_sharding", "padded_length", "replicated",
-           "weight_sharding", "place_stack", "place_replicated", "unpad", "to_host", "like", "initialize",
-           "host_label", "progress_bar"]
+           "weight_sharding", "batch_spec", "batch_sharding", "is_on_mesh", "place_stack",
+           "place_replicated", "unpad", "to_host", "like", "initialize", "host_label",
+           "progress_bar"]
 

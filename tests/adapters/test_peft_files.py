@@ -550,6 +550,181 @@ def test_refuses_layers_outside_layers_to_transform(good, work):
     load_adapter(path)
 
 
+# ------------------------------------------------------ adapter_config values
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lora_alpha", NAN, "lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", INF, "lora_alpha must be a finite number, got inf"),
+    ("lora_alpha", -INF, "lora_alpha must be a finite number, got -inf"),
+    ("lora_alpha", 1e39, "lora_alpha must be a positive number float32 can hold "
+                         "(at most 3.4e+38), got 1e+39"),
+    ("lora_alpha", 0, "lora_alpha must be a positive finite number, got 0"),
+    ("lora_alpha", -8, "lora_alpha must be a positive finite number, got -8"),
+    ("lora_alpha", "16", "lora_alpha must be a finite number, got '16'"),
+    ("lora_alpha", None, "lora_alpha must be a finite number, got None"),
+    ("lora_alpha", True, "lora_alpha must be a finite number, got True"),
+    ("r", "4", "r must be an integer, got '4'"),
+    ("r", 4.5, "r must be an integer, got 4.5"),
+    ("r", 0, "r must be a positive integer, got 0"),
+    ("use_rslora", "yes", "use_rslora must be true or false, got 'yes'"),
+    ("fan_in_fan_out", "false", "fan_in_fan_out must be true or false, got 'false'"),
+    ("use_dora", "false", "use_dora must be true or false, got 'false'"),
+    ("rank_pattern", {"q_proj": "8"}, "rank_pattern entry 'q_proj' must be an integer, got '8'"),
+    ("rank_pattern", [8], "rank_pattern must be an object of string keys, got [8]"),
+    ("rank_pattern", {"q_proj(": 4}, "rank_pattern key must be a valid regular expression, "
+                                     "got 'q_proj('"),
+    ("alpha_pattern", {"v_proj": NAN}, "alpha_pattern entry 'v_proj' must be a finite number, "
+                                       "got nan"),
+    ("alpha_pattern", {"v_proj": 1e39}, "alpha_pattern entry 'v_proj' must be a positive number "
+                                        "float32 can hold"),
+    ("layers_to_transform", ["0"], "layers_to_transform item 0 must be an integer, got '0'"),
+    ("layers_to_transform", "1", "layers_to_transform must be a non-negative integer or a list "
+                                 "of them, got '1'"),
+    ("layers_to_transform", [0, -1], "layers_to_transform item 1 must be a non-negative integer, "
+                                     "got -1"),
+    ("layers_pattern", 5, "layers_pattern must be a string or a list of strings, got 5"),
+    ("target_modules", 5, "target_modules must be a list of module names or a regular "
+                          "expression string, got 5"),
+    ("target_modules", ["q_proj", 1], "target_modules item 1 must be a string, got 1"),
+    ("target_modules", ".*(q_proj", "target_modules must be a valid regular expression, "
+                                    "got '.*(q_proj'"),
+    ("exclude_modules", 3, "exclude_modules must be a list of module names or a regular "
+                           "expression string, got 3"),
+    ("bias", "some", "bias must be one of none, all, lora_only; got 'some'"),
+    ("peft_type", 5, "peft_type must be a string, got 5"),
+    ("modules_to_save", "lm_head", "modules_to_save must be a list, got 'lm_head'"),
+    ("base_model_name_or_path", 3, "base_model_name_or_path must be a string, got 3"),
+])
+def test_refuses_bad_config_values(good, tmp_path, field, value, message):
+  """Each bad value is an AdapterError naming the file, the field and the value (before:
+  TypeError / ZeroDivisionError / re.error tracebacks, or silently accepted)."""
+  path = edit_config(copy_adapter(good, tmp_path / "adapter"), **{field: value})
+  with pytest.raises(AdapterError) as info:
+    load_adapter(path)
+  text = str(info.value)
+  assert text.startswith(os.path.join(path, "adapter_config.json") + ": "), text
+  assert message in text, text
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"lora_alpha": 1e-46}, r"module `model\.layers\.0\.self_attn\.k_proj`: the scale "
+                            r"lora_alpha / r = 1e-46 / 4 = 2\.5e-47 is 0 in float32"),
+    ({"alpha_pattern": {"v_proj": 1e-300}, "use_rslora": True},
+     r"module `model\.layers\.0\.self_attn\.v_proj`: the scale lora_alpha / sqrt\(r\) = "
+     r"1e-300 / sqrt\(4\) = 5e-301 is 0 in float32"),
+])
+def test_refuses_scale_that_float32_cannot_hold(good, tmp_path, changes, message):
+  path = edit_config(copy_adapter(good, tmp_path / "scale"), **changes)
+  with pytest.raises(AdapterError, match=re.escape(os.path.join(path, "adapter_config.json"))
+                     + ": " + message):
+    load_adapter(path)
+
+
+def test_json_nan_reaches_the_check(good, work):
+  """Python's json writes and reads NaN / Infinity; the file really holds them."""
+  path = edit_config(copy_adapter(good, work / "json_nan"), lora_alpha=NAN,
+                     alpha_pattern={"q_proj": INF})
+  raw = open(os.path.join(path, "adapter_config.json")).read()
+  assert '"lora_alpha": NaN' in raw and '"q_proj": Infinity' in raw
+  with pytest.raises(AdapterError, match=r"json_nan/adapter_config\.json: lora_alpha must be a "
+                                         r"finite number, got nan"):
+    load_adapter(path)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"target_modules": ".*_proj", "layers_to_transform": [0]},
+     r"layers_to_transform=\[0\] cannot be used with a regular-expression target_modules"),
+    ({"target_modules": ".*_proj", "layers_pattern": "layers"},
+     r"layers_pattern='layers' cannot be used with a regular-expression target_modules"),
+    ({"layers_pattern": "layers", "layers_to_transform": None},
+     r"layers_pattern='layers' is set without layers_to_transform"),
+])
+def test_refuses_combinations_peft_refuses(good, tmp_path, changes, message):
+  path = edit_config(copy_adapter(good, tmp_path / "combo"), **changes)
+  with open(os.path.join(path, "adapter_config.json")) as f:
+    config = json.load(f)
+  with pytest.raises(ValueError):   # PEFT itself refuses the config
+    peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+  with pytest.raises(AdapterError, match=r"adapter_config\.json: " + message):
+    load_adapter(path)
+
+
+# ------------------------------------------------------------ target_modules
+
+
+def peft_adapted_modules(base, path) -> set[str]:
+  """The modules PEFT puts LoRA layers on when it loads the adapter at `path`."""
+  try:
+    return set(peft_factory.peft_delta_weights(base, path))
+  except ValueError as e:   # "Target modules ... not found in the base model"
+    assert "not found in the base model" in str(e)
+    return set()
+  except KeyError:          # modules_to_save over an adapted module: PEFT cannot load it
+    return set()
+
+
+def test_refuses_target_modules_that_miss_the_tensors(base, good, work):
+  """Config says gate/up, tensors are q/k/v/o: PEFT would adapt gate/up (untrained) and drop
+  every tensor of the file."""
+  path = edit_config(copy_adapter(good, work / "wrong_targets"),
+                     target_modules=["gate_proj", "up_proj"])
+  tensor_modules = set(load_adapter(good).modules)
+  adapted = peft_adapted_modules(base, path)
+  assert adapted and not adapted & tensor_modules
+  with pytest.raises(AdapterError, match=r"wrong_targets/adapter_config\.json: target_modules="
+                                         r"\['gate_proj', 'up_proj'\] does not cover 8 of the 8 "
+                                         r"module\(s\) that adapter_model\.safetensors has LoRA "
+                                         r"tensors for: model\.layers\.0\.self_attn\.k_proj, "):
+    load_adapter(path)
+
+
+@pytest.mark.parametrize("changes,covered", [
+    ({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, True),
+    ({"target_modules": ["self_attn.q_proj", "k_proj", "v_proj", "o_proj"]}, True),
+    ({"target_modules": ["q_proj", "k_proj", "v_proj"]}, False),
+    ({"target_modules": ["proj"]}, False),
+    ({"target_modules": [f"model.layers.{i}.self_attn.{k}_proj" for i in (0, 1)
+                         for k in "qkvo"]}, True),
+    ({"target_modules": [f"model.layers.0.self_attn.{k}_proj" for k in "qkvo"]}, False),
+    ({"target_modules": r".*\.(q|k|v|o)_proj"}, True),
+    ({"target_modules": r"model\.layers\.0\..*_proj"}, False),
+    ({"target_modules": "q_proj"}, False),
+    ({"target_modules": "all-linear"}, True),
+    ({"target_modules": "ALL-LINEAR"}, True),
+    ({"exclude_modules": ["layers.1.self_attn.o_proj"]}, False),
+    ({"exclude_modules": r".*\.v_proj"}, False),
+    ({"exclude_modules": ["mlp"]}, True),
+    ({"modules_to_save": ["o_proj"]}, False),
+])
+def test_target_modules_coverage_agrees_with_peft(base, good, tmp_path, changes, covered):
+  """The adapter loads exactly when PEFT, loading it, adapts every module it has tensors for."""
+  path = edit_config(copy_adapter(good, tmp_path / "targets"), **changes)
+  tensor_modules = set(load_adapter(good).modules)
+  assert (tensor_modules <= peft_adapted_modules(base, path)) == covered
+  if covered:
+    assert set(load_adapter(path).modules) == tensor_modules
+  else:
+    with pytest.raises(AdapterError, match=r"targets/adapter_config\.json: .*(does not cover|"
+                                           r"excludes)"):
+      load_adapter(path)
+
+
+def test_refuses_missing_target_modules(good, work):
+  path = copy_adapter(good, work / "no_targets")
+  file = os.path.join(path, "adapter_config.json")
+  with open(file) as f:
+    config = json.load(f)
+  del config["target_modules"]
+  with open(file, "w") as f:
+    json.dump(config, f)
+  with pytest.raises(AdapterError, match=r"no_targets/adapter_config\.json: target_modules is "
+                                         r"missing or null"):
+    load_adapter(path)
+
+
 # ------------------------------------------------------------ load_adapters
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -129,3 +130,26 @@ def test_llama3_nli_config(tmp_path, capsys):
   assert main.run(["merge", "--config", NLI_CONFIG]) == 2
   err = capsys.readouterr().err
   assert "set root" in err and "root=/path/to/adapters" in err
+
+
+def test_the_cache_is_keyed_on_the_adapters_content(tmp_path, capsys):
+  """An adapter file replaced at the same path makes the cache stale: refused, not reused."""
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  paths = demo.adapters.split(",")
+  copies = []
+  for i, p in enumerate(paths):
+    copies.append(str(tmp_path / f"adapter{i}"))
+    shutil.copytree(p, copies[-1])
+  cache = tmp_path / "cache"
+  base = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={','.join(copies)}",
+          "--config.progress=false", f"--config.alignment_cache={cache}"]
+  assert main.run(base) == 0 and cache.is_dir()
+  capsys.readouterr()
+  assert main.run(base) == 0
+  assert "restored from" in capsys.readouterr().out
+  # the same path, other content: the second adapter's file is now the third's
+  shutil.rmtree(copies[1])
+  shutil.copytree(paths[2], copies[1])
+  assert main.run(base) == 2
+  err = capsys.readouterr().err
+  assert "cannot be used: the adapters' contents differ" in err and str(cache) in err

@@ -5,10 +5,10 @@ same TA / TIES / DARE / TSV-M / Iso functions), with heterogeneous ranks."""
 import numpy as np
 import pytest
 
+import knots_jax
 from knots_jax.alignment import core_space, decompose
-from knots_jax.merging import orchestrate
-from knots_jax.methods import entrywise
 from tests import reference, synthetic
+from tests.merging.test_reference import module_mask
 
 RANKS = (2, 3, 4)
 # q: sum of ranks 9 < out, in; k: out = 6 < 9, so U_B has only 6 directions.
@@ -39,11 +39,10 @@ def _dare_masks(cores, seed, drop_rate):
   masks = {}
   for c in cores:
     L, n, kb, ka = c.cores.shape
-    keep = np.asarray(entrywise.dare_keep_mask(orchestrate.stack_key(seed, c.modules),
-                                             (L, n, kb * ka, 1), drop_rate)).reshape(L, n, kb, ka)
     for l, m in enumerate(c.modules):
+      keep = module_mask(seed, m, (n, kb * ka, 1), drop_rate).reshape(n, kb, ka)
       rows, cols = core_space.core_sizes(c)[l]
-      masks[m] = keep[l][:, :rows, :cols]
+      masks[m] = keep[:, :rows, :cols]
   return masks
 
 
@@ -112,8 +111,8 @@ def test_bad_input_is_refused(cores):
 
 
 def test_core_ta_equals_ta(adapters):
-  ta = orchestrate.merge(adapters, "ta", scaling=0.7, dtype="float64")
-  core = orchestrate.merge(adapters, "core_ta", scaling=0.7, dtype="float64")
+  ta = knots_jax.merge(adapters, "ta", scaling=0.7, dtype="float64")
+  core = knots_jax.merge(adapters, "core_ta", scaling=0.7, dtype="float64")
   assert core.is_factored and core.stats["core_size"] == {"min": 6, "max": 9}
   assert core.stats["output_rank"] == 3 * 4
   for m, d in _deltas(adapters).items():
@@ -129,7 +128,7 @@ ENTRYWISE = [("core_mean", "model", 20), ("core_dare", "model", 20),
 @pytest.mark.parametrize("method,scope,top_k", ENTRYWISE)
 def test_entrywise_core_methods_match_reference(adapters, cores, method, scope, top_k):
   kw = dict(scaling=0.6, top_k=top_k, drop_rate=0.4, top_k_scope=scope)
-  result = orchestrate.merge(adapters, method, seed=5, dtype="float64", **kw)
+  result = knots_jax.merge(adapters, method, seed=5, dtype="float64", **kw)
   masks = _dare_masks(cores, 5, 0.4) if "dare" in method else None
   expected = reference.core_merge(_factors(adapters), method, keep_masks=masks, **kw)
   assert result.is_factored
@@ -140,7 +139,7 @@ def test_entrywise_core_methods_match_reference(adapters, cores, method, scope, 
 @pytest.mark.parametrize("shapes", [None, WIDE], ids=["small", "wide"])
 def test_spectral_core_methods_match_reference(method, shapes):
   adapters = synthetic.adapter_set(ranks=RANKS, seed=2, shapes=shapes)
-  result = orchestrate.merge(adapters, method, scaling=0.9, dtype="float64")
+  result = knots_jax.merge(adapters, method, scaling=0.9, dtype="float64")
   expected = reference.core_merge(_factors(adapters), method, scaling=0.9)
   assert result.is_factored
   _close(result, expected)
@@ -154,8 +153,8 @@ def test_invariant_methods_are_equal_in_full_and_core_space():
   core space sum(r_i) // n = 3, which truncates the rank-4 task."""
   adapters = synthetic.adapter_set(ranks=RANKS, seed=2, shapes=WIDE)
   for full, core in [("iso_c", "core_iso_c"), ("iso_cts", "core_iso_cts"), ("tsv_m", "core_tsv_m")]:
-    a = orchestrate.merge(adapters, full, scaling=0.9, dtype="float64")
-    b = orchestrate.merge(adapters, core, scaling=0.9, dtype="float64")
+    a = knots_jax.merge(adapters, full, scaling=0.9, dtype="float64")
+    b = knots_jax.merge(adapters, core, scaling=0.9, dtype="float64")
     for m in adapters.module_names:
       gap = np.linalg.norm(a.delta(m) - b.delta(m)) / np.linalg.norm(a.delta(m))
       assert (gap > 1e-3) if full == "tsv_m" else (gap < 1e-10), (full, gap)
@@ -163,7 +162,7 @@ def test_invariant_methods_are_equal_in_full_and_core_space():
 
 def test_core_ties_is_its_own_method(adapters):
   """TIES acts entry by entry, so the basis matters: full, KnOTS and core TIES differ."""
-  results = {m: orchestrate.merge(adapters, m, top_k=20, dtype="float64")
+  results = {m: knots_jax.merge(adapters, m, top_k=20, dtype="float64")
              for m in ("ties", "knots_ties", "core_ties")}
   m = adapters.module_names[0]
   core = results["core_ties"].delta(m)
@@ -172,17 +171,17 @@ def test_core_ties_is_its_own_method(adapters):
 
 
 def test_core_dare_is_deterministic_given_a_seed(adapters):
-  a = orchestrate.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
-  b = orchestrate.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
-  c = orchestrate.merge(adapters, "core_dare_ties", seed=4, drop_rate=0.5, dtype="float64")
+  a = knots_jax.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
+  b = knots_jax.merge(adapters, "core_dare_ties", seed=3, drop_rate=0.5, dtype="float64")
+  c = knots_jax.merge(adapters, "core_dare_ties", seed=4, drop_rate=0.5, dtype="float64")
   m = adapters.module_names[0]
   np.testing.assert_array_equal(a.delta(m), b.delta(m))
   assert np.linalg.norm(c.delta(m) - a.delta(m)) > 1e-3 * np.linalg.norm(a.delta(m))
 
 
 def test_float32_default_close_to_float64(adapters):
-  f32 = orchestrate.merge(adapters, "core_ties", top_k=20)
-  f64 = orchestrate.merge(adapters, "core_ties", top_k=20, dtype="float64")
+  f32 = knots_jax.merge(adapters, "core_ties", top_k=20)
+  f64 = knots_jax.merge(adapters, "core_ties", top_k=20, dtype="float64")
   for m in adapters.module_names:
     ref = f64.delta(m)
     assert np.linalg.norm(f32.delta(m) - ref) / np.linalg.norm(ref) < 1e-3

@@ -1,5 +1,6 @@
 """`knots-jax` end to end: the embedded demo, overrides, help, and refusals."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from safetensors.numpy import load_file
 import knots_jax
 from knots_jax.cli import main
 from knots_jax.io import config_args
-from knots_jax.merging import config as config_lib
+from knots_jax.methods.options import MergeConfig
+from knots_jax.pipeline.config import JobConfig
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
@@ -30,7 +32,8 @@ def test_demo_command_end_to_end(tmp_path):
   for field in ("adapters", "method", "kept components", "merged adapter", "time", "output"):
     assert field in proc.stdout
   out = tmp_path / "out"
-  assert sorted(os.listdir(out)) == ["adapter", "knots_config.json", "merged_weights"]
+  assert sorted(os.listdir(out)) == [".knots_jax_output.json", "adapter", "knots_config.json",
+                                     "merged_weights"]
   summary = json.loads((out / "knots_config.json").read_text())
   assert summary["config"]["method"] == "knots_ties"
   # The written adapter is the merge the library computes.
@@ -84,8 +87,8 @@ def test_method_options_reach_the_merge(tmp_path, capsys):
 def test_help_explains_every_option(capsys):
   assert main.run(["merge", "--help"]) == 0
   text = capsys.readouterr().out
-  for name, (_, help_text) in config_lib.FIELDS.items():
-    assert f"--config.{name}" in text and help_text.split()[0] in text
+  for field in dataclasses.fields(MergeConfig) + dataclasses.fields(JobConfig):
+    assert f"--config.{field.name}" in text and field.metadata["help"].split()[0] in text
   assert main.run(["methods"]) == 0
   assert "knots_dare_ties" in capsys.readouterr().out
 
@@ -182,7 +185,8 @@ def test_full_model_format_orbax_and_both(tmp_path, capsys):
   assert any(not np.array_equal(shards[k], base[k]) for k in base)   # the merge is in it
 
   assert main.run(argv + [f"--config.output={tmp_path / 'p'}", "--config.full_model_format=orbax"]) == 0
-  assert sorted(os.listdir(tmp_path / "p")) == ["adapter", "knots_config.json",
+  assert sorted(os.listdir(tmp_path / "p")) == [".knots_jax_output.json", "adapter",
+                                                  "knots_config.json",
                                                   "merged_model_orbax"]
   assert main.run(argv + [f"--config.output={tmp_path / 'q'}",
                          "--config.full_model_format=pickle"]) == 2
@@ -205,3 +209,50 @@ def test_benchmark_and_evaluate_commands_dispatch_and_explain(capsys):
   assert "--config is required" in capsys.readouterr().err
   assert main.run(["nope"]) == 2
   assert "benchmark, evaluate, merge, methods" in capsys.readouterr().err
+
+
+def test_new_user_mistakes_get_one_clear_line(capsys, tmp_path):
+  assert main.run(["merge", "--config", MERGE_CONFIG, "--config.topk=20"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown option `topk`" in err and "did you mean `top_k`?" in err and "\\n" not in err
+  assert main.run(["merge", "--config", str(tmp_path / "nope.py")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "nope.py` does not exist" in err
+  assert main.run(["merge", "--config.adapters=a/"]) == 2
+  assert "--config is required" in capsys.readouterr().err
+  assert main.run(["merge", "--config", MERGE_CONFIG, "--config.adapters=a/",
+                   "--config.seed=4294967296"]) == 2
+  assert "seed must be an integer in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(capsys, tmp_path):
+  out = tmp_path / "o"
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  argv = ["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+          f"--config.output={out}", "--config.method=knots_ta", "--config.dry_run=true"]
+  assert main.run(argv) == 0
+  text = capsys.readouterr().out
+  assert "dry run: the inputs are valid" in text and "method" in text and "knots_ta" in text
+  assert "top_k" not in text and "drop_rate" not in text   # knots_ta reads neither
+  assert not out.exists()
+  assert main.run(argv[:-1] + ["--config.adapters=/does/not/exist", "--config.dry_run=true"]) == 2
+  assert "/does/not/exist" in capsys.readouterr().err
+
+
+def test_a_merge_without_output_says_nothing_is_written(capsys):
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  assert main.run(["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+                   "--config.progress=false", "--config.method=ta"]) == 0
+  captured = capsys.readouterr()
+  assert "no --config.output" in captured.err and "(none)" in captured.out
+  assert "top_k" not in captured.out.split("method", 1)[1].splitlines()[0]
+
+
+def test_help_piped_into_a_closed_reader_ends_quietly():
+  done = subprocess.run(f"{sys.executable} -m knots_jax.cli.main merge --help | head -1",
+                        shell=True, capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert done.stdout.startswith("usage: knots-jax merge")
+  closed = subprocess.run(f"{sys.executable} -m knots_jax.cli.main merge --help | true",
+                          shell=True, capture_output=True, text=True, cwd=REPO, timeout=120)
+  for stderr in (done.stderr, closed.stderr):
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

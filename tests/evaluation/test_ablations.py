@@ -171,7 +171,7 @@ def test_csv_and_json_round_trip(tmp_path):
   back = ablations.read_csv(path)
   assert back[0] == {"rank": 4.0, "metric": "acc", "value": 0.5, "note": None}
   assert back[1]["note"] == "diverged" and back[1]["value"] is None   # NaN: an empty cell
-  path = ablations.write_json(records, str(tmp_path / "sweep.json"), experiment="rank")
+  path = ablations.write_records_json(records, str(tmp_path / "sweep.json"), experiment="rank")
   data = json.load(open(path))
   assert data["experiment"] == "rank" and data["records"][1]["value"] is None
   assert data["records"][0] == records[0]

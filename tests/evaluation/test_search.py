@@ -6,7 +6,6 @@ import pytest
 import knots_jax
 from knots_jax.alignment import decompose, knots_svd
 from knots_jax.evaluation import search
-from knots_jax.merging import orchestrate
 from knots_jax.methods import registry
 from tests import synthetic
 

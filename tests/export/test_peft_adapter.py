@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ import transformers
 from knots_jax.export import merged_weights, peft_adapter
 from knots_jax.io import output_dir
 from knots_jax.merging.result import MergedStack, MergeResult
-from knots_jax.methods import truncated_svd
+from knots_jax.merging import kernels
 from tests import peft_factory
 
 PREFIX = "base_model.model."
@@ -110,6 +111,35 @@ def leftovers(tmp_path, name: str) -> list[str]:
   return sorted(glob.glob(str(tmp_path / f"{name}*")))
 
 
+def scaled_atol(reference, rel: float) -> float:
+  """`rel` times the largest magnitude of `reference`: float32 values (logits, weights)
+  are only as exact as their scale, so absolute tolerances follow it."""
+  return rel * float(np.abs(np.asarray(reference, np.float64)).max())
+
+
+def only_modules(result: MergeResult, keep) -> MergeResult:
+  """`result` restricted to the modules for which keep(module) holds."""
+  stacks = []
+  for s in result.stacks:
+    idx = [i for i, m in enumerate(s.modules) if keep(m)]
+    if idx:
+      stacks.append(MergedStack(tuple(s.modules[i] for i in idx), b=s.b[np.array(idx)],
+                                a=s.a[np.array(idx)]))
+  return MergeResult(stacks=tuple(stacks), peft_config=result.peft_config, method=result.method,
+                     settings=result.settings, extra=result.extra)
+
+
+def reference_logits(base: str, result: MergeResult, ids: torch.Tensor) -> np.ndarray:
+  """Logits of the base model with every merged update added to its weight, in torch."""
+  ref = peft_factory.load_base_model(base)
+  state = ref.state_dict()
+  for m in result.module_names:
+    state[f"{m}.weight"] = state[f"{m}.weight"] + torch.from_numpy(result.delta(m))
+  ref.load_state_dict(state)
+  with torch.no_grad():
+    return ref(ids).logits.numpy()
+
+
 # ------------------------------------------------------------- PEFT adapter
 
 
@@ -122,8 +152,8 @@ def test_exact_adapter_loads_in_peft_and_matches_dense_logits(llama_family, tmp_
   assert {int(s.b.shape[-1]) for s in result.stacks} == {12, 18}
   # The hand-built result is the task arithmetic of the files.
   for m in result.module_names:
-    np.testing.assert_allclose(result.delta(m), numpy_delta(adapters, m, kv_two_adapters(m)),
-                               rtol=1e-5, atol=1e-6)
+    want = numpy_delta(adapters, m, kv_two_adapters(m))
+    np.testing.assert_allclose(result.delta(m), want, rtol=1e-5, atol=scaled_atol(want, 1e-6))
 
   out = tmp_path / "adapter"
   report = peft_adapter.save_peft_adapter(result, str(out))
@@ -134,8 +164,9 @@ def test_exact_adapter_loads_in_peft_and_matches_dense_logits(llama_family, tmp_
   assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
   assert not config["use_rslora"] and not config["use_dora"]
   assert config["modules_to_save"] == ["lm_head"]
-  assert config["target_modules"] == json.loads(
-      open(os.path.join(adapters[0], "adapter_config.json")).read())["target_modules"]
+  # All layers of the modules the inputs name by bare names: the names say it exactly.
+  assert config["target_modules"] == sorted(peft_factory.LLAMA_TARGETS)
+  assert config["layers_to_transform"] is None
   keys = set(safetensors.numpy.load_file(str(out / "adapter_model.safetensors")))
   assert f"{PREFIX}lm_head.weight" in keys
   knots = json.loads((out / "knots_config.json").read_text())
@@ -145,7 +176,8 @@ def test_exact_adapter_loads_in_peft_and_matches_dense_logits(llama_family, tmp_
   deltas = peft_deltas(model)
   assert sorted(deltas) == result.module_names
   for m, d in deltas.items():
-    np.testing.assert_allclose(d.numpy(), result.delta(m), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d.numpy(), result.delta(m), rtol=1e-5,
+                               atol=scaled_atol(result.delta(m), 1e-6))
   np.testing.assert_array_equal(
       model.base_model.model.lm_head.modules_to_save["default"].weight.detach().numpy(), head)
 
@@ -161,8 +193,90 @@ def test_exact_adapter_loads_in_peft_and_matches_dense_logits(llama_family, tmp_
   with torch.no_grad():
     got, want = model(ids).logits, ref(ids).logits
     untouched = base_logits_model(ids).logits
-  np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5,
+                             atol=scaled_atol(want.numpy(), 1e-5))
   assert (got - untouched).abs().max() > 1e-2   # the adapter does change the model
+
+
+@pytest.fixture(scope="module")
+def partial_adapters(llama_family, tmp_path_factory):
+  """Pairs of PEFT adapters of the tiny Llama that adapt some layers or some module kinds."""
+  base = llama_family[0]
+  root = tmp_path_factory.mktemp("partial")
+  make = peft_factory.make_lora_adapter
+  return {
+      "layer 1": [make(base, str(root / f"layer1_{i}"), seed=40 + i, r=4,
+                       layers_to_transform=[1]) for i in range(2)],
+      "q and v": [make(base, str(root / f"qv_{i}"), seed=50 + i, r=4, lora_alpha=8,
+                       target_modules=["q_proj", "v_proj"]) for i in range(2)],
+      "mlp of layer 0": [make(base, str(root / f"mlp0_{i}"), seed=60 + i, r=2 + i,
+                              target_modules=["gate_proj", "down_proj"],
+                              layers_to_transform=[0]) for i in range(2)],
+  }
+
+
+@pytest.mark.parametrize("case,written", [
+    ("layer 1", "regex"),
+    ("q and v", ["q_proj", "v_proj"]),
+    ("mlp of layer 0", "regex"),
+    ("layer 1 of a whole-model merge", "regex"),
+    ("template naming other modules", "regex"),
+])
+def test_written_target_modules_are_exactly_the_written_modules(
+    case, written, llama_family, partial_adapters, tmp_path):
+  """PEFT, loading the written adapter, adapts exactly its modules; the logits are those
+  of base + merged update computed in torch."""
+  base, family = llama_family
+  if case == "layer 1 of a whole-model merge":
+    result = only_modules(ta_result(family), lambda m: ".layers.1." in m)
+  elif case == "template naming other modules":
+    result = ta_result(family, config_overrides={"target_modules": ["gate_proj", "up_proj"]})
+  else:
+    result = ta_result(partial_adapters[case])
+  out = tmp_path / "adapter"
+  peft_adapter.save_peft_adapter(result, str(out))
+  config = json.loads((out / "adapter_config.json").read_text())
+  targets = config["target_modules"]
+  if written == "regex":
+    assert isinstance(targets, str)
+    assert config["layers_to_transform"] is None and config["layers_pattern"] is None
+  if written == "regex" and case != "template naming other modules":
+    # Here the modules' last names alone would also hit modules the adapter does not have.
+    names = {m.rsplit(".", 1)[-1] for m in result.module_names}
+    all_modules = [n for n, _ in peft_factory.load_base_model(base).named_modules()]
+    assert {n for n in all_modules if n.rsplit(".", 1)[-1] in names} - set(result.module_names)
+  if written != "regex":
+    assert targets == written
+
+  model = peft.PeftModel.from_pretrained(peft_factory.load_base_model(base), str(out)).eval()
+  deltas = peft_deltas(model)
+  assert sorted(deltas) == result.module_names   # these modules and no others
+  for m, d in deltas.items():
+    np.testing.assert_allclose(d.numpy(), result.delta(m), rtol=1e-5,
+                               atol=scaled_atol(result.delta(m), 1e-6), err_msg=m)
+  ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    got = model(ids).logits.numpy()
+    untouched = peft_factory.load_base_model(base)(ids).logits.numpy()
+  want = reference_logits(base, result, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=scaled_atol(want, 1e-5))
+  assert np.abs(got - untouched).max() > 1e-3   # the adapter does change the model
+
+
+def test_written_regex_matches_exactly_the_written_modules():
+  """The regex target_modules, re.fullmatch-ed (PEFT's rule) against every candidate
+  module path, selects exactly the chosen ones: nested paths, multi-digit indices and
+  characters special in regexes included."""
+  universe = sorted([f"model.layers.{i}.{kind}" for i in (0, 1, 2, 10, 11, 21)
+                     for kind in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")]
+                    + ["lm_head", "model.layers.1", "a.b", "a.b.c", "a.b.c.d", "x+y.z", "xy.z"])
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    chosen = sorted(rng.choice(universe, size=int(rng.integers(1, len(universe))),
+                               replace=False).tolist())
+    targets = peft_adapter.written_target_modules(chosen, {"target_modules": "all-linear"})
+    assert isinstance(targets, str)
+    assert [u for u in universe if re.fullmatch(targets, u)] == chosen, targets
 
 
 def test_truncated_adapter_is_best_rank_r(llama_family, tmp_path):
@@ -179,7 +293,7 @@ def test_truncated_adapter_is_best_rank_r(llama_family, tmp_path):
     assert sorted(deltas) == result.module_names
     for m, d in deltas.items():
       approx, err = best_rank_r(result.delta(m), 5)
-      np.testing.assert_allclose(d.numpy(), approx, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(d.numpy(), approx, rtol=1e-4, atol=scaled_atol(approx, 1e-5))
       np.testing.assert_allclose(report["rel_errors"][m], err, rtol=1e-6)
       assert 0.05 < err < 1
     assert report["max_rel_error"] == max(report["rel_errors"].values())
@@ -204,7 +318,7 @@ def test_truncate_factors_matches_numpy_svd(out, k, inp, rank):
   b = rng.normal(size=(3, out, k))
   a = rng.normal(size=(3, k, inp))
   b[1] = 0                                           # a zero update: error 0, not NaN
-  b_r, a_r, err = truncated_svd.truncate_factors(jnp.asarray(b), jnp.asarray(a), rank)
+  b_r, a_r, err = kernels.truncate_factors(jnp.asarray(b), jnp.asarray(a), rank)
   assert b_r.shape == (3, out, rank) and a_r.shape == (3, rank, inp)
   for i in range(3):
     approx, want = best_rank_r(b[i] @ a[i], rank)
@@ -218,12 +332,12 @@ def test_truncate_factors_rank_at_least_k_is_exact():
   rng = np.random.default_rng(1)
   b, a = rng.normal(size=(2, 7, 4)), rng.normal(size=(2, 4, 5))
   for rank in (4, 6):
-    b_r, a_r, err = truncated_svd.truncate_factors(jnp.asarray(b), jnp.asarray(a), rank)
+    b_r, a_r, err = kernels.truncate_factors(jnp.asarray(b), jnp.asarray(a), rank)
     assert b_r.shape == (2, 7, rank)
     np.testing.assert_array_equal(np.asarray(err), 0)
     np.testing.assert_allclose(np.asarray(b_r @ a_r), b @ a, rtol=1e-12)
   with pytest.raises(ValueError, match="rank"):
-    truncated_svd.truncate_factors(jnp.asarray(b), jnp.asarray(a), 0)
+    kernels.truncate_factors(jnp.asarray(b), jnp.asarray(a), 0)
 
 
 def test_truncate_dense_matches_numpy_svd():
@@ -231,7 +345,7 @@ def test_truncate_dense_matches_numpy_svd():
   delta = rng.normal(size=(3, 9, 6))
   delta[2] = 0
   for rank in (2, 6, 8):
-    b_r, a_r, err = truncated_svd.truncate_dense(jnp.asarray(delta), rank)
+    b_r, a_r, err = kernels.truncate_dense(jnp.asarray(delta), rank)
     assert b_r.shape == (3, 9, rank) and a_r.shape == (3, rank, 6)
     for i in range(3):
       approx, want = best_rank_r(delta[i], rank)
@@ -273,7 +387,7 @@ def test_merged_weights_single_and_sharded(llama_family, tmp_path):
     assert report["tensors"] == len(written)
     for key, value in want.items():
       assert written[key].dtype == np.float32
-      np.testing.assert_allclose(written[key], value, rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(written[key], value, rtol=1e-6, atol=scaled_atol(value, 1e-6))
     np.testing.assert_array_equal(written["lm_head.weight"], head)
     assert json.loads((out / "knots_config.json").read_text())["method"] == "ta"
 
@@ -339,7 +453,8 @@ def test_fan_in_fan_out_gpt2_matches_peft_merge(tmp_path):
   assert sorted(written) == [f"{m}.weight" for m in result.module_names]
   for key, value in written.items():
     assert value.shape == (32, 96)
-    np.testing.assert_allclose(value, merged[key].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, merged[key].numpy(), rtol=1e-5,
+                               atol=scaled_atol(merged[key].numpy(), 1e-6))
 
   peft_adapter.save_peft_adapter(result, str(tmp_path / "adapter_out"))
   model = peft.PeftModel.from_pretrained(load(), str(tmp_path / "adapter_out")).eval()
@@ -347,7 +462,9 @@ def test_fan_in_fan_out_gpt2_matches_peft_merge(tmp_path):
   ref.load_state_dict({**ref.state_dict(), **{k: torch.from_numpy(v) for k, v in written.items()}})
   ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
-    np.testing.assert_allclose(model(ids).logits.numpy(), ref(ids).logits.numpy(), atol=1e-5)
+    want = ref(ids).logits.numpy()
+    np.testing.assert_allclose(model(ids).logits.numpy(), want, rtol=1e-5,
+                               atol=scaled_atol(want, 1e-5))
 
 
 # ------------------------------------------------------------------- atomic
@@ -383,6 +500,14 @@ def test_existing_output_and_overwrite(llama_family, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="already exists.*overwrite"):
     peft_adapter.save_peft_adapter(result, str(out))
   assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path, "adapter") == [str(out)]
+  # overwrite replaces only what knots_jax wrote (its manifest), not a directory of the user's
+  with pytest.raises(ValueError, match="no .knots_jax_output.json.*delete it by hand"):
+    peft_adapter.save_peft_adapter(result, str(out), overwrite=True)
+  assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path, "adapter") == [str(out)]
+  (out / "old.txt").unlink()
+  out.rmdir()
+  peft_adapter.save_peft_adapter(result, str(out))          # the old output
+  old = os.stat(out / "adapter_model.safetensors").st_ino
 
   # A failure while overwriting keeps the old output.
   original = safetensors.numpy.save_file
@@ -390,12 +515,14 @@ def test_existing_output_and_overwrite(llama_family, tmp_path, monkeypatch):
                       lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
   with pytest.raises(OSError, match="boom"):
     peft_adapter.save_peft_adapter(result, str(out), overwrite=True)
-  assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path, "adapter") == [str(out)]
+  assert os.stat(out / "adapter_model.safetensors").st_ino == old
+  assert leftovers(tmp_path, "adapter") == [str(out)]
   monkeypatch.setattr(safetensors.numpy, "save_file", original)
 
   peft_adapter.save_peft_adapter(result, str(out), overwrite=True)
-  assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors",
-                                     "knots_config.json"]
+  assert sorted(os.listdir(out)) == [output_dir.MANIFEST, "adapter_config.json",
+                                     "adapter_model.safetensors", "knots_config.json"]
+  assert os.stat(out / "adapter_model.safetensors").st_ino != old
   assert leftovers(tmp_path, "adapter") == [str(out)]
 
   (tmp_path / "file").write_text("x")

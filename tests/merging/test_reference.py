@@ -1,12 +1,21 @@
 """The JAX merges against the float64 NumPy reference written from DESIGN.md §3."""
 
+import zlib
+
+import jax
 import numpy as np
 import pytest
 
+import knots_jax
 from knots_jax.alignment import decompose
-from knots_jax.merging import orchestrate
-from knots_jax.methods import entrywise
 from tests import reference, synthetic
+
+
+def module_mask(seed, module, shape, drop_rate):
+  """DARE's keep mask of one module as docs/design.md defines it: a key from the seed and
+  the module's name only (`fold_in(key(seed), crc32(name))`), Bernoulli(1 - p)."""
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(module.encode()))
+  return np.asarray(jax.random.bernoulli(key, 1.0 - drop_rate, shape))
 
 
 def _dare_masks(alignment, seed, drop_rate, knots):
@@ -14,16 +23,14 @@ def _dare_masks(alignment, seed, drop_rate, knots):
   masks = {}
   if knots:
     for st in alignment.aligned:
-      keep = np.asarray(entrywise.dare_keep_mask(orchestrate.stack_key(seed, st.modules),
-                                               st.rep.shape, drop_rate))
       for l, m in enumerate(st.modules):
-        masks[m] = keep[l][:, :int(st.num_valid[l])]
+        keep = module_mask(seed, m, st.rep.shape[1:], drop_rate)
+        masks[m] = keep[:, :int(st.num_valid[l])]
   else:
     for f in alignment.factors:
-      shape = f.b.shape[:3] + (f.a.shape[-1],)
-      keep = np.asarray(entrywise.dare_keep_mask(orchestrate.stack_key(seed, f.modules), shape, drop_rate))
-      for l, m in enumerate(f.modules):
-        masks[m] = keep[l]
+      shape = f.b.shape[1:3] + (f.a.shape[-1],)
+      for m in f.modules:
+        masks[m] = module_mask(seed, m, shape, drop_rate)
   return masks
 
 
@@ -44,8 +51,8 @@ def adapters():
 
 @pytest.fixture(scope="module")
 def alignments(adapters):
-  return {"core": decompose.align(adapters, dtype="float64"),
-          "dense": decompose.align(adapters, path="dense", dtype="float64"),
+  return {"core": knots_jax.align(adapters, dtype="float64"),
+          "dense": knots_jax.align(adapters, path="dense", dtype="float64"),
           "factors": decompose.factor_alignment(adapters)}
 
 
@@ -57,7 +64,7 @@ def test_matches_reference(adapters, alignments, method, scaling, top_k):
   paths = ["core", "dense"] if knots else ["factors"]
   for path in paths:
     alignment = alignments[path]
-    result = orchestrate.merge(alignment, method, scaling=scaling, top_k=top_k, drop_rate=p,
+    result = knots_jax.merge(alignment, method, scaling=scaling, top_k=top_k, drop_rate=p,
                              seed=seed, dtype="float64")
     masks = _dare_masks(alignment, seed, p, knots) if "dare" in method else None
     expected = reference.merge(synthetic.dense_deltas(adapters), method, scaling=scaling,
@@ -77,9 +84,9 @@ def test_matches_reference_with_ties_in_magnitude(method, top_k):
   deltas = synthetic.dense_deltas(adapters)
   flat = np.concatenate([d.reshape(3, -1) for d in deltas.values()], axis=1)
   assert len(np.unique(np.abs(flat))) < flat.size / 50  # the case really has ties
-  alignment = (decompose.align(adapters, dtype="float64") if method.startswith("knots")
+  alignment = (knots_jax.align(adapters, dtype="float64") if method.startswith("knots")
                else decompose.factor_alignment(adapters))
-  result = orchestrate.merge(alignment, method, scaling=0.8, top_k=top_k, drop_rate=0.5, seed=1,
+  result = knots_jax.merge(alignment, method, scaling=0.8, top_k=top_k, drop_rate=0.5, seed=1,
                            dtype="float64")
   masks = _dare_masks(alignment, 1, 0.5, method.startswith("knots")) if "dare" in method else None
   expected = reference.merge(deltas, method, scaling=0.8, top_k=top_k, drop_rate=0.5,
@@ -88,7 +95,7 @@ def test_matches_reference_with_ties_in_magnitude(method, top_k):
 
 
 def test_float32_default_close_to_reference(adapters):
-  result = orchestrate.merge(adapters, "knots_ties", scaling=0.6, top_k=20)
+  result = knots_jax.merge(adapters, "knots_ties", scaling=0.6, top_k=20)
   expected = reference.merge(synthetic.dense_deltas(adapters), "knots_ties", scaling=0.6, top_k=20)
   rel = [np.linalg.norm(result.delta(m) - e) / np.linalg.norm(e) for m, e in expected.items()]
   assert max(rel) < 1e-3, rel  # a few near-threshold entries may flip in float32

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
 
 import knots_jax
 from knots_jax.adapters.peft_files import Adapter, AdapterSet, LoraFactors
@@ -23,6 +24,7 @@ from knots_jax.export import full_model
 from knots_jax.io import hf_checkpoint
 from knots_jax.merging import regmean
 from knots_jax.models import lora
+from knots_jax.parallel import sharding
 from tests import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -424,3 +426,18 @@ def test_place_batch_refuses_batches_that_do_not_split():
   assert placed["x"].sharding.mesh == mesh
   with pytest.raises(ValueError, match="leading \\(batch\\) axis"):
     regmean.place_batch(np.float32(1.0), mesh)
+
+
+def test_place_batch_splits_the_batch_axis_over_every_mesh_axis():
+  """The layout rule lives in `sharding.batch_spec`: axis 0 over all mesh axes, rest replicated."""
+  mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  x = np.arange(24.0).reshape(4, 3, 2)
+  placed = regmean.place_batch({"x": x, "ids": np.arange(4)}, mesh)
+  assert placed["x"].sharding.spec == PartitionSpec(("data", "model"), None, None)
+  assert placed["ids"].sharding.spec == PartitionSpec(("data", "model"))
+  assert placed["x"].sharding == sharding.batch_sharding(mesh, 3)
+  np.testing.assert_array_equal(np.asarray(placed["x"]), x)
+  assert regmean.place_batch(placed, mesh)["x"] is placed["x"]   # already on the mesh: kept
+  assert not sharding.is_on_mesh(x, mesh)
+  with pytest.raises(ValueError, match="at least one axis"):
+    sharding.batch_spec(mesh, 0)

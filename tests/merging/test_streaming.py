@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import knots_jax
 from knots_jax.alignment import decompose
-from knots_jax.merging import orchestrate
+from knots_jax.merging import combine
+from knots_jax.methods.options import MergeConfig
+from knots_jax.merging.lazy import LazyStack
 from knots_jax.merging import threshold as threshold_lib
-from knots_jax.methods import registry
 from tests import synthetic
 
 # > 2^16 values per task, so the whole-model threshold takes the sampled bracket.
@@ -30,8 +32,8 @@ def _materialised(alignment, method, dt, **hyper):
   """The previous computation: every stack's dense updates made first, then `combine`."""
   reps = [jnp.matmul(jnp.asarray(f.b, dt), jnp.asarray(f.a, dt)) for f in alignment.factors]
   valids = [jnp.ones((r.shape[0], r.shape[2]), bool) for r in reps]
-  merged, info = orchestrate.combine(reps, valids, [f.modules for f in alignment.factors],
-                                 registry.get_method(method), **hyper)
+  config = MergeConfig(method=method, dtype=str(dt), **hyper)
+  merged, info = combine.combine(reps, valids, [f.modules for f in alignment.factors], config)
   return [np.asarray(m) for m in merged], info
 
 
@@ -42,7 +44,7 @@ def test_streaming_equals_materialised(method, scope, dtype):
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=5, shapes=SHAPES)
   alignment = decompose.factor_alignment(adapters)
   hyper = dict(scaling=0.7, top_k=25, drop_rate=0.5, seed=11, top_k_scope=scope)
-  result = orchestrate.merge(alignment, method, dtype=dtype, **hyper)
+  result = knots_jax.merge(alignment, method, dtype=dtype, **hyper)
   expected, info = _materialised(alignment, method, jnp.dtype(dtype), **hyper)
   assert len(result.stacks) == len(expected) == 2
   for s, e in zip(result.stacks, expected):
@@ -67,7 +69,7 @@ def test_kth_lazy_equals_arrays():
     def make():
       calls.append(1)
       return x
-    return make
+    return LazyStack(make)
 
   expected = threshold_lib.kth_smallest_magnitude(xs, valids, ranks)
   got = threshold_lib.kth_smallest_magnitude([lazy(x) for x in xs], valids, ranks)

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import knots_jax
 from knots_jax.adapters.stacks import stack_adapters
 from knots_jax.evaluation import interpolation
+from knots_jax.merging import kernels
 from knots_jax.methods import svd_family
 from tests import reference, synthetic
 from tests.reference import iso_c as np_iso_c
@@ -36,8 +38,8 @@ WEIGHTS = np.array([0.5, 0.3, 0.8])
 
 
 def test_direct_and_multiplied_merge(stack):
-  b_dm, a_dm = svd_family.direct_merge_stack(stack.b, stack.a, WEIGHTS)
-  b_mm, a_mm = svd_family.multiplied_merge_stack(stack.b, stack.a, WEIGHTS)
+  b_dm, a_dm = kernels.direct_merge_stack(stack.b, stack.a, WEIGHTS)
+  b_mm, a_mm = kernels.multiplied_merge_stack(stack.b, stack.a, WEIGHTS)
   deltas = stack.deltas()
   for l in range(len(stack.modules)):
     sum_b = sum(w * b for w, b in zip(WEIGHTS, stack.b[l]))
@@ -50,7 +52,7 @@ def test_direct_and_multiplied_merge(stack):
 
 
 def test_cross_term_is_sum_of_b_i_a_j(stack):
-  bx, ax = svd_family.cross_term_stack(stack.b, stack.a, WEIGHTS)
+  bx, ax = kernels.cross_term_stack(stack.b, stack.a, WEIGHTS)
   for l in range(len(stack.modules)):
     b, a, w = stack.b[l], stack.a[l], WEIGHTS
     ref = sum(w[i] * w[j] * b[i] @ a[j] for i in range(3) for j in range(3) if i != j)
@@ -61,7 +63,7 @@ def test_cross_term_is_sum_of_b_i_a_j(stack):
 
 @pytest.mark.parametrize("weights", [WEIGHTS, np.ones(3)])
 def test_svd_r_bound(stack, weights):
-  trunc, cross = svd_family.svd_r_error_bound(stack.b, stack.a, weights)
+  trunc, cross = kernels.svd_r_error_bound(stack.b, stack.a, weights)
   r = stack.b.shape[-1]
   for l in range(len(stack.modules)):
     mm = np.einsum("n,noi->oi", weights, stack.deltas()[l])
@@ -69,14 +71,14 @@ def test_svd_r_bound(stack, weights):
     s = np.linalg.svd(mm, compute_uv=False)
     np.testing.assert_allclose(trunc[l], np.sqrt(np.sum(s[r:] ** 2)), atol=TOL)
     np.testing.assert_allclose(cross[l], np.linalg.norm(dm - mm), atol=TOL)
-  assert svd_family.svd_r_error_bound_holds(stack.b, stack.a, weights).all()
+  assert kernels.svd_r_error_bound_holds(stack.b, stack.a, weights).all()
 
 
 def test_weights_are_checked(stack):
   with pytest.raises(ValueError, match="one entry per adapter"):
-    svd_family.svd_r_error_bound(stack.b, stack.a, np.ones(2))
+    kernels.svd_r_error_bound(stack.b, stack.a, np.ones(2))
   with pytest.raises(ValueError, match="b \\[L, n, out, r\\]"):
-    svd_family.svd_r_error_bound(stack.b[0], stack.a[0], np.ones(3))
+    kernels.svd_r_error_bound(stack.b[0], stack.a[0], np.ones(3))
 
 
 # ---------------------------------------------------------------------- Iso-C
@@ -84,8 +86,8 @@ def test_weights_are_checked(stack):
 
 @pytest.mark.parametrize("mean", ["nonzero", "full"])
 def test_iso_c_reference_and_dense(stack, mean):
-  b_m, a_m = svd_family.iso_c_stack(stack.b, stack.a, scaling=1.3, mean=mean)
-  dense = svd_family.iso_c_dense_stack(stack.deltas(), scaling=1.3, mean=mean)
+  b_m, a_m = kernels.iso_c_stack(stack.b, stack.a, scaling=1.3, mean=mean)
+  dense = kernels.iso_c_dense_stack(stack.deltas(), scaling=1.3, mean=mean)
   for l in range(len(stack.modules)):
     ref = np_iso_c(stack.deltas()[l], mean, scaling=1.3)
     np.testing.assert_allclose(b_m[l] @ a_m[l], ref, atol=TOL)
@@ -93,7 +95,7 @@ def test_iso_c_reference_and_dense(stack, mean):
 
 
 def test_iso_c_spectrum_is_flat_with_the_ta_mean(stack):
-  b_m, a_m = svd_family.iso_c_stack(stack.b, stack.a)
+  b_m, a_m = kernels.iso_c_stack(stack.b, stack.a)
   for l in range(len(stack.modules)):
     s_ta = np.linalg.svd(stack.deltas()[l].sum(0), compute_uv=False)
     s_ta = s_ta[s_ta > RTOL * s_ta.max()]
@@ -101,7 +103,7 @@ def test_iso_c_spectrum_is_flat_with_the_ta_mean(stack):
     np.testing.assert_allclose(s_iso, np.full_like(s_ta, s_ta.mean()), rtol=1e-10)
     np.testing.assert_allclose(s_iso.mean(), s_ta.mean(), rtol=1e-10)
   with pytest.raises(ValueError, match="mean must be"):
-    svd_family.iso_c_stack(stack.b, stack.a, mean="median")
+    kernels.iso_c_stack(stack.b, stack.a, mean="median")
 
 
 # -------------------------------------------------------------------- Iso-CTS
@@ -117,8 +119,8 @@ def test_iso_cts_sizes():
 
 @pytest.mark.parametrize("frac", [0.8, 0.5])
 def test_iso_cts_reference_and_dense(stack, frac):
-  b_m, a_m = svd_family.iso_cts_stack(stack.b, stack.a, common_fraction=frac, scaling=0.7)
-  dense = svd_family.iso_cts_dense_stack(stack.deltas(), common_fraction=frac, scaling=0.7)
+  b_m, a_m = kernels.iso_cts_stack(stack.b, stack.a, common_fraction=frac, scaling=0.7)
+  dense = kernels.iso_cts_dense_stack(stack.deltas(), common_fraction=frac, scaling=0.7)
   for l in range(len(stack.modules)):
     ref = np_iso_cts(stack.deltas()[l], frac, scaling=0.7)
     np.testing.assert_allclose(b_m[l] @ a_m[l], ref, atol=TOL)
@@ -131,13 +133,13 @@ def test_iso_cts_reference_and_dense(stack, frac):
 
 def test_iso_cts_fixed_space(stack):
   """An explicit `space` (the paper's min(out, in) for full-rank updates) on both paths."""
-  b_m, a_m = svd_family.iso_cts_stack(stack.b, stack.a, space=6)
-  dense = svd_family.iso_cts_dense_stack(stack.deltas(), space=6)
+  b_m, a_m = kernels.iso_cts_stack(stack.b, stack.a, space=6)
+  dense = kernels.iso_cts_dense_stack(stack.deltas(), space=6)
   ref = np_iso_cts(stack.deltas()[0], 0.8, space=6)
   np.testing.assert_allclose(b_m[0] @ a_m[0], ref, atol=TOL)
   np.testing.assert_allclose(dense[0], ref, atol=TOL)
   with pytest.raises(ValueError, match="common_fraction"):
-    svd_family.iso_cts_stack(stack.b, stack.a, common_fraction=1.5)
+    kernels.iso_cts_stack(stack.b, stack.a, common_fraction=1.5)
 
 
 # ---------------------------------------------------------------------- TSV-M
@@ -146,8 +148,8 @@ def test_iso_cts_fixed_space(stack):
 def test_tsv_merge_reference_and_dense(stack):
   _, n, out, r = stack.b.shape
   keep = svd_family.tsv_default_keep(n, out, stack.a.shape[-1])
-  b_m, a_m = svd_family.tsv_merge_stack(stack.b, stack.a, scaling=0.9)
-  dense = svd_family.tsv_merge_dense_stack(stack.deltas(), scaling=0.9)
+  b_m, a_m = kernels.tsv_merge_stack(stack.b, stack.a, scaling=0.9)
+  dense = kernels.tsv_merge_dense_stack(stack.deltas(), scaling=0.9)
   for l in range(len(stack.modules)):
     ref, _, _ = np_tsv(stack.deltas()[l], keep, scaling=0.9)
     np.testing.assert_allclose(b_m[l] @ a_m[l], ref, atol=TOL)
@@ -167,7 +169,7 @@ def test_tsv_whitened_bases_are_orthonormal(stack):
 
 def test_tsv_keep_truncates_each_task(stack):
   """keep=1: one component per task; the update lies in the span of the top vectors."""
-  b_m, a_m = svd_family.tsv_merge_stack(stack.b, stack.a, keep=1)
+  b_m, a_m = kernels.tsv_merge_stack(stack.b, stack.a, keep=1)
   ref, _, _ = np_tsv(stack.deltas()[0], 1)
   np.testing.assert_allclose(b_m[0] @ a_m[0], ref, atol=TOL)
   assert np.linalg.matrix_rank(ref, tol=1e-8) == 3
@@ -177,8 +179,8 @@ def test_tsv_keep_truncates_each_task(stack):
 
 
 def test_sftm_reference_and_dense(stack):
-  b_m, a_m, alpha = svd_family.sftm_stack(stack.b, stack.a, gamma=0.6)
-  dense, alpha_d = svd_family.sftm_dense_stack(stack.deltas(), gamma=0.6)
+  b_m, a_m, alpha = kernels.sftm_stack(stack.b, stack.a, gamma=0.6)
+  dense, alpha_d = kernels.sftm_dense_stack(stack.deltas(), gamma=0.6)
   for l in range(len(stack.modules)):
     ref, alpha_ref, _ = np_sftm(stack.deltas()[l], gamma=0.6)
     np.testing.assert_allclose(b_m[l] @ a_m[l], ref, atol=TOL)
@@ -191,7 +193,7 @@ def test_sftm_alpha_solves_the_system():
   """u_p^T M v_p = sigma_p for every kept component (eq. (3)), when non-singular."""
   s12 = stack_adapters(synthetic.adapter_set(ranks=(2, 3, 4), seed=3), dtype=np.float64)
   st = [s for s in s12 if s.b.shape[2] == 12][0]
-  b_m, a_m, _ = svd_family.sftm_stack(st.b, st.a)
+  b_m, a_m, _ = kernels.sftm_stack(st.b, st.a)
   merged = np.asarray(b_m[0] @ a_m[0])
   _, _, comps = np_sftm(st.deltas()[0])
   for s, u, v in comps:
@@ -199,30 +201,30 @@ def test_sftm_alpha_solves_the_system():
 
 
 def test_sftm_trim_matches_reference(stack):
-  dense, _ = svd_family.sftm_dense_stack(stack.deltas(), eta=0.3)
+  dense, _ = kernels.sftm_dense_stack(stack.deltas(), eta=0.3)
   ref, _, _ = np_sftm(stack.deltas()[0], eta=0.3)
   np.testing.assert_allclose(dense[0], ref, atol=1e-7 * np.abs(ref).max())
   with pytest.raises(ValueError, match="eta"):
-    svd_family.sftm_dense_stack(stack.deltas(), eta=0.0)
+    kernels.sftm_dense_stack(stack.deltas(), eta=0.0)
 
 
 def test_sftm_warns_when_singular(stack):
   b = np.concatenate([stack.b[:, :1], stack.b[:, :1]], axis=1)  # two identical tasks
   a = np.concatenate([stack.a[:, :1], stack.a[:, :1]], axis=1)
   with pytest.warns(RuntimeWarning, match="singular"):
-    b_m, a_m, _ = svd_family.sftm_stack(b, a, modules=stack.modules)
+    b_m, a_m, _ = kernels.sftm_stack(b, a, modules=stack.modules)
   # The minimum-norm solution still reproduces the task (M = B_1 A_1).
   np.testing.assert_allclose(b_m[0] @ a_m[0], stack.b[0, 0] @ stack.a[0, 0], atol=1e-8)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    svd_family.sftm_stack(stack.b, stack.a)
+    kernels.sftm_stack(stack.b, stack.a)
 
 
 def test_tsv_merge_ranked_keeps_rank_over_n_per_task(stack):
   """Keep floor(rank / n) per task (the Core Space authors' rule), rank given as an array."""
   deltas = stack.deltas()
   for rank in (9, 6, 3, 2):
-    got = svd_family.tsv_merge_ranked_stack(deltas, np.full(len(stack.modules), rank), scaling=0.8)
+    got = kernels.tsv_merge_ranked_stack(deltas, np.full(len(stack.modules), rank), scaling=0.8)
     for l in range(len(stack.modules)):
       ref, _, _ = np_tsv(deltas[l], max(rank // 3, 1), scaling=0.8)
       np.testing.assert_allclose(got[l], ref, atol=TOL)
@@ -232,19 +234,19 @@ def test_tsv_merge_ranked_keeps_rank_over_n_per_task(stack):
 
 
 def test_mm_svd_is_the_best_rank_r_approximation_of_mm(stack):
-  b_r, a_r = svd_family.mm_svd_stack(stack.b, stack.a, WEIGHTS)
+  b_r, a_r = kernels.mm_svd_stack(stack.b, stack.a, WEIGHTS)
   r = stack.b.shape[-1]
   assert b_r.shape[-1] == r
   for l in range(len(stack.modules)):
     mm = np.einsum("n,noi->oi", WEIGHTS, stack.deltas()[l])
     np.testing.assert_allclose(b_r[l] @ a_r[l], reference.best_rank(mm, r), atol=TOL)
-  b_2, a_2 = svd_family.mm_svd_stack(stack.b, stack.a, WEIGHTS, rank=2)
+  b_2, a_2 = kernels.mm_svd_stack(stack.b, stack.a, WEIGHTS, rank=2)
   mm = np.einsum("n,noi->oi", WEIGHTS, stack.deltas()[0])
   np.testing.assert_allclose(b_2[0] @ a_2[0], reference.best_rank(mm, 2), atol=TOL)
 
 
 def test_cross_term_noise_has_the_cross_terms_norm(stack):
-  got = np.asarray(svd_family.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules))
+  got = np.asarray(kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules))
   for l in range(len(stack.modules)):
     b, a, w = stack.b[l], stack.a[l], WEIGHTS
     mm = np.einsum("n,noi->oi", w, stack.deltas()[l])
@@ -256,13 +258,13 @@ def test_cross_term_noise_has_the_cross_terms_norm(stack):
 
 
 def test_cross_term_noise_is_seeded_per_module(stack):
-  same = svd_family.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules)
-  again = svd_family.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules)
-  other = svd_family.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 4, stack.modules)
+  same = kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules)
+  again = kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules)
+  other = kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 4, stack.modules)
   np.testing.assert_array_equal(same, again)
   assert np.abs(np.asarray(other) - np.asarray(same)).max() > 1e-3
   # A module's noise depends on its name, not on where it sits in the stack.
-  flipped = svd_family.cross_term_noise_stack(stack.b[::-1], stack.a[::-1], WEIGHTS, 3,
+  flipped = kernels.cross_term_noise_stack(stack.b[::-1], stack.a[::-1], WEIGHTS, 3,
                                       stack.modules[::-1])
   np.testing.assert_allclose(flipped[::-1], same, atol=1e-12)
   # Different modules draw different noise: the normalised noise differs.
@@ -270,9 +272,9 @@ def test_cross_term_noise_is_seeded_per_module(stack):
   unit = [(x - m) / np.linalg.norm(x - m) for x, m in zip(np.asarray(same), mm)]
   assert np.abs(unit[0] - unit[1]).max() > 1e-3
   with pytest.raises(ValueError, match="one module name per"):
-    svd_family.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules[:1])
+    kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules[:1])
   with pytest.raises(ValueError, match="seed must be an integer"):
-    svd_family.module_keys(1.5, stack.modules)
+    kernels.module_keys(1.5, stack.modules)
 
 
 # --------------------------------------------------- linear mode connectivity
@@ -306,9 +308,8 @@ def test_lmc_barrier_refuses_bad_input(ts, scores, match):
 
 @pytest.fixture(scope="module")
 def merges():
-  from knots_jax.merging import orchestrate
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
-  return adapters, {m: orchestrate.merge(adapters, m, scaling=0.7, dtype="float64")
+  return adapters, {m: knots_jax.merge(adapters, m, scaling=0.7, dtype="float64")
                     for m in ("ta", "tsv_m", "ties")}
 
 
@@ -327,10 +328,9 @@ def test_interpolation_path(merges, pair):
 
 
 def test_interpolation_path_needs_the_same_modules(merges):
-  from knots_jax.merging import orchestrate
   _, results = merges
   single = synthetic.adapter_set(ranks=(2,), seed=1, shapes={"model.layers.0.mlp.up_proj": (5, 4)})
-  other = orchestrate.merge(single, "ta")
+  other = knots_jax.merge(single, "ta")
   with pytest.raises(ValueError, match="same stacks of modules"):
     interpolation.interpolation_path(results["ta"], other, [0.0, 1.0])
   with pytest.raises(ValueError, match="1-D sequence"):
@@ -344,9 +344,8 @@ def test_interpolation_path_needs_the_same_modules(merges):
                                          ("core", "rows")])
 def test_knots_tsv_m_matches_reference(path, concat):
   """TSV-M on KnOTS' V_i^T (all components), then U diag(s) in front (float64 reference)."""
-  from knots_jax.merging import orchestrate
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
-  result = orchestrate.merge(adapters, "knots_tsv_m", scaling=0.8, path=path, concat=concat,
+  result = knots_jax.merge(adapters, "knots_tsv_m", scaling=0.8, path=path, concat=concat,
                          dtype="float64")
   assert result.is_factored
   for m, d in reference.factor_deltas(reference.lora_factors(adapters)).items():
@@ -356,7 +355,7 @@ def test_knots_tsv_m_matches_reference(path, concat):
       expected = reference.knots_tsv(d, scaling=0.8)
     np.testing.assert_allclose(result.delta(m), expected, atol=1e-8 * np.abs(expected).max())
   # Not a rotation of TSV-M on the updates: a method of its own.
-  plain = orchestrate.merge(adapters, "tsv_m", scaling=0.8, dtype="float64")
+  plain = knots_jax.merge(adapters, "tsv_m", scaling=0.8, dtype="float64")
   m = adapters.module_names[0]
   assert np.linalg.norm(plain.delta(m) - result.delta(m)) > 1e-3 * np.linalg.norm(plain.delta(m))
 
@@ -365,9 +364,8 @@ def test_knots_v_are_partial_isometries_for_generic_loras():
   """Why `knots_tsv_m` keeps every component: with sum r_i <= out, the V_i^T of the
   joint SVD satisfy sum_i V_i^T V_i = I_K with ranks adding up to K, so each
   V_i^T V_i is a projection and every non-zero singular value of V_i^T is 1."""
-  from knots_jax.alignment import decompose
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
-  for st in decompose.align(adapters, dtype="float64", path="dense").aligned:
+  for st in knots_jax.align(adapters, dtype="float64", path="dense").aligned:
     v = np.asarray(st.rep) / np.where(np.asarray(st.valid), np.asarray(st.s), 1)[:, None, :, None]
     for l in range(len(st.modules)):
       k = int(np.sum(np.asarray(st.valid[l])))
@@ -434,10 +432,9 @@ def _best_rank(x: np.ndarray, k: int) -> np.ndarray:
 def test_method_options_through_merge(method, options, reference_fn):
   """The per-method options of `merge` reach the methods: each module against the float64
   reference with that option, and recorded in the settings."""
-  from knots_jax.merging import orchestrate
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
-  result = orchestrate.merge(adapters, method, scaling=0.7, dtype="float64", **options)
-  default = orchestrate.merge(adapters, method, scaling=0.7, dtype="float64")
+  result = knots_jax.merge(adapters, method, scaling=0.7, dtype="float64", **options)
+  default = knots_jax.merge(adapters, method, scaling=0.7, dtype="float64")
   changed = False
   for m, deltas in synthetic.dense_deltas(adapters).items():
     ref = reference_fn(deltas)
@@ -449,14 +446,13 @@ def test_method_options_through_merge(method, options, reference_fn):
 
 
 def test_method_options_are_checked():
-  from knots_jax.merging import orchestrate
   adapters = synthetic.adapter_set(ranks=(2, 3, 4), seed=3)
   with pytest.raises(ValueError, match="eta=0.5 applies to sftm, not to `ties`"):
-    orchestrate.merge(adapters, "ties", eta=0.5)
+    knots_jax.merge(adapters, "ties", eta=0.5)
   with pytest.raises(ValueError, match="common_fraction=0.5 applies to iso_cts and core_iso_cts"):
-    orchestrate.merge(adapters, "tsv_m", common_fraction=0.5)
+    knots_jax.merge(adapters, "tsv_m", common_fraction=0.5)
   with pytest.raises(ValueError, match="eta must be in"):
-    orchestrate.merge(adapters, "sftm", eta=0.0)
+    knots_jax.merge(adapters, "sftm", eta=0.0)
   with pytest.raises(ValueError, match="tsv_keep must be a non-negative integer"):
-    orchestrate.merge(adapters, "tsv_m", tsv_keep=-1)
-  assert "eta" not in orchestrate.merge(adapters, "ta").settings   # only the method's own options
+    knots_jax.merge(adapters, "tsv_m", tsv_keep=-1)
+  assert "eta" not in knots_jax.merge(adapters, "ta").settings   # only the method's own options

@@ -17,8 +17,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 import knots_jax
 from knots_jax.export import full_model
-from knots_jax.io import hf_checkpoint
-from knots_jax.merging import orchestrate
+from knots_jax.io import sharded_read
 from knots_jax.methods import registry
 from knots_jax.parallel import sharding
 from tests.sharded_worker import case_adapters
@@ -79,7 +78,7 @@ def _check(got, info, cases, devices):
       assert seen["rep_devices"] == devices
       assert seen["rep_axes"] == [sharding.STACK] + [None] * (len(seen["rep_shape"]) - 1)
       assert seen["rep_shape"][0] % devices == 0
-    expected = orchestrate.merge(case_adapters(case), case["method"], **case["kwargs"],
+    expected = knots_jax.merge(case_adapters(case), case["method"], **case["kwargs"],
                              **case.get("align", {}))
     rtol = 1e-10 if case.get("align", {}).get("dtype") == "float64" else 1e-5
     for module, delta in expected.deltas():
@@ -128,7 +127,7 @@ def test_two_processes_of_four_devices_equal_one_device(llama_family, tmp_path):
   assert seen["rep_shape"][0] == 8 and seen["rep_spec"] == str(sharding.stack_spec(4))
   assert seen["rep_local_shards"] == 4 and not seen["rep_fully_addressable"]
   case = next(c for c in cases if c["name"] == "knots_ties_L5")
-  expected = orchestrate.merge(case_adapters(case), case["method"], **case["kwargs"])
+  expected = knots_jax.merge(case_adapters(case), case["method"], **case["kwargs"])
   for module, delta in expected.deltas():
     np.testing.assert_allclose(got[f"ingredients/{module}"], delta, rtol=1e-5,
                                atol=1e-6 * np.max(np.abs(delta)), err_msg=module)
@@ -145,7 +144,7 @@ def test_two_processes_of_four_devices_equal_one_device(llama_family, tmp_path):
     np.testing.assert_allclose(got[f"model/{key}"], want, rtol=0, atol=1e-6, err_msg=key)
   assert any("stack" in info["model"][k]["spec"] for k in single)
   # the safetensors full model written by process 0 equals the single-process merge
-  written = hf_checkpoint.read_backbone(str(tmp_path / "model_safetensors"))
+  written = sharded_read.read_backbone(str(tmp_path / "model_safetensors"))
   assert set(written) == set(single)
   for key, want in single.items():
     np.testing.assert_allclose(np.asarray(written[key]), want, rtol=0, atol=1e-6, err_msg=key)
@@ -201,8 +200,8 @@ def test_initialize_is_a_no_op_on_one_process():
 def test_mesh_of_one_device_equals_no_mesh(method):
   adapters = case_adapters({"layers": 3})
   mesh = sharding.make_mesh()
-  plain = orchestrate.merge(adapters, method, top_k=30, drop_rate=0.3)
-  meshed = orchestrate.merge(adapters, method, top_k=30, drop_rate=0.3, mesh=mesh)
+  plain = knots_jax.merge(adapters, method, top_k=30, drop_rate=0.3)
+  meshed = knots_jax.merge(adapters, method, top_k=30, drop_rate=0.3, mesh=mesh)
   for (m, a), (m2, b) in zip(plain.deltas(), meshed.deltas()):
     assert m == m2
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
