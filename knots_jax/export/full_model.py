@@ -92,18 +92,24 @@ def _on(mesh: Mesh | None, x) -> jax.Array:
   return sharding.place_replicated(sharding.to_host(x), mesh)
 
 
-def _add_factors(base, b, a, transpose: bool):
-  delta = jnp.matmul(b.astype(jnp.float32), a.astype(jnp.float32))
+def base_plus_update(base, delta, transpose: bool):
+  """base + delta in the base's layout (delta transposed for Conv1D / fan_in_fan_out) and
+  dtype, added in float32 or the update's wider dtype: the one base + update of the package
+  (`merged_model_weights` on the device, `merged_weights.save_merged_weights` on the host)."""
+  work = jnp.result_type(jnp.float32, delta.dtype)
+  delta = delta.astype(work)
   if transpose:
     delta = delta.T
-  return (base.astype(jnp.float32) + delta).astype(base.dtype)
+  return (base.astype(work) + delta).astype(base.dtype)
+
+
+def _add_factors(base, b, a, transpose: bool):
+  return base_plus_update(base, jnp.matmul(b.astype(jnp.float32), a.astype(jnp.float32)),
+                          transpose)
 
 
 def _add_dense(base, delta, transpose: bool):
-  delta = delta.astype(jnp.float32)
-  if transpose:
-    delta = delta.T
-  return (base.astype(jnp.float32) + delta).astype(base.dtype)
+  return base_plus_update(base, delta, transpose)
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from knots_jax.export import full_model
 from knots_jax.export.peft_adapter import _METADATA, MERGED_WEIGHTS, _check_result
 from knots_jax.io import hf_checkpoint, output_dir
 from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
@@ -45,8 +47,7 @@ def _merged_weight(module: str, base: np.ndarray, delta: np.ndarray,
     layout = " (fan_in_fan_out: the update is transposed to [in, out])" if fan_in_fan_out else ""
     raise ValueError(f"module `{module}`: the base weight has shape {tuple(base.shape)} but the "
                      f"merged update has shape {tuple(delta.shape)}{layout}")
-  work = np.result_type(np.float32, delta.dtype)
-  return (base.astype(work) + delta.astype(work)).astype(base.dtype)
+  return np.asarray(full_model.base_plus_update(jnp.asarray(base), jnp.asarray(delta), False))
 
 
 def save_merged_weights(result: MergeResult, base_dir: str, out_dir: str, *,

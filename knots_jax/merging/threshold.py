@@ -33,10 +33,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from knots_jax.merging.lazy import Stack, is_lazy, materialize, shape_of
-from knots_jax.parallel.sharding import STACK, like, stack_spec, to_host
+from knots_jax.parallel.sharding import STACK, like, replicated_spec, stack_spec, to_host
 
 _CAP = 1 << 16            # most values extracted per task and stack
 _SAMPLES = 1 << 20        # about this many sampled values per task for the initial bracket
@@ -90,7 +89,7 @@ def _extract_sharded(x, valid, lo, hi, cap, mesh):
   k = min(cap, local_size)
   per_device = jax.shard_map(
       lambda x, v, lo, hi: _extract(x, v, lo, hi, k)[None], mesh=mesh,
-      in_specs=(stack_spec(4), stack_spec(2), P(), P()), out_specs=stack_spec(3))
+      in_specs=(stack_spec(4), stack_spec(2), replicated_spec(), replicated_spec()), out_specs=stack_spec(3))
   tops = per_device(x, valid, lo, hi)                       # [devices, n, k]
   neg = jnp.moveaxis(-tops, 0, 1).reshape(x.shape[1], -1)
   return -jax.lax.top_k(neg, cap)[0]

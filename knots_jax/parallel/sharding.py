@@ -77,9 +77,14 @@ def stack_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   return NamedSharding(mesh, stack_spec(len(shape)))
 
 
+def replicated_spec() -> PartitionSpec:
+  """`P()`: every device holds the whole array."""
+  return PartitionSpec()
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array (small results, thresholds)."""
-  return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, replicated_spec())
 
 
 def weight_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
@@ -220,6 +225,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 __all__ = ["STACK", "make_mesh", "stack_spec", "stack_sharding", "padded_length", "replicated",
+           "replicated_spec",
            "weight_sharding", "batch_spec", "batch_sharding", "is_on_mesh", "place_stack",
            "place_replicated", "unpad", "to_host", "like", "initialize", "host_label",
            "progress_bar"]
