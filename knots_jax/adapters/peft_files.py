@@ -255,7 +255,9 @@ def _resolve(path: str) -> tuple[str, str | None]:
     weights = [os.path.join(path, n) for n in (SAFETENSORS_NAME, BIN_NAME)]
     found = [w for w in weights if os.path.isfile(w)]
     if not os.path.isfile(config) or not found:
-      missing = [os.path.basename(p) for p in [config] + weights if not os.path.isfile(p)]
+      missing = [CONFIG_NAME] if not os.path.isfile(config) else []
+      if not found:   # either weights file will do: name them only when neither is there
+        missing += [SAFETENSORS_NAME, BIN_NAME]
       raise AdapterError(
           f"{path}: not a PEFT LoRA adapter directory: looked for {CONFIG_NAME} and "
           f"{SAFETENSORS_NAME} or {BIN_NAME}; missing: {', '.join(missing)}")

@@ -185,6 +185,12 @@ def _rebuild_adapters(meta: dict, factors: list[FactorStack], extra) -> AdapterS
   return AdapterSet(tuple(adapters))
 
 
+def _handler() -> ocp.CompositeCheckpointHandler:
+  """The checkpoint's two items, each with its handler."""
+  return ocp.CompositeCheckpointHandler(arrays=ocp.StandardCheckpointHandler(),
+                                        meta=ocp.JsonCheckpointHandler())
+
+
 def _restore_targets(directory: str, mesh: jax.sharding.Mesh | None):
   """Orbax restore targets: aligned stacks sharded over `mesh` (padded), the rest on the host.
 
@@ -194,8 +200,7 @@ def _restore_targets(directory: str, mesh: jax.sharding.Mesh | None):
   process reads only the rows of its own devices. The factors and non-LoRA
   tensors are read whole on every process (the adapters are rebuilt from them).
   """
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      arrays=ocp.StandardCheckpointHandler())) as ckpt:
+  with ocp.Checkpointer(_handler()) as ckpt:
     tree = ckpt.metadata(directory).item_metadata["arrays"]
   tree = tree.tree if hasattr(tree, "tree") else tree
   is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
@@ -225,9 +230,10 @@ def restore_alignment(directory: str, mesh: jax.sharding.Mesh | None = None) -> 
   meta = read_meta(directory)
   directory = os.path.abspath(os.fspath(directory))
   targets = _restore_targets(directory, mesh)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+  with ocp.Checkpointer(_handler()) as ckpt:   # both items named: Orbax warns otherwise
     arrays = ckpt.restore(directory, ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(targets, strict=False)))["arrays"]
+        arrays=ocp.args.StandardRestore(targets, strict=False),
+        meta=ocp.args.JsonRestore()))["arrays"]
   factors = [FactorStack(tuple(m["modules"]), np.asarray(x["b"]), np.asarray(x["a"]),
                          np.asarray(x["ranks"]).astype(np.int32))
              for m, x in zip(meta["factors"], arrays["factors"])]

@@ -293,8 +293,11 @@ class MergedModelWriter:
     if overlap is None:
       overlap = jax.default_backend() != "cpu"
     try:
+      # Counted in bytes, not tensors: tensors differ in size by orders of magnitude
+      # (norms vs embeddings), so a count of tensors gives a meaningless rate and ETA.
       self._bar = self._exit.enter_context(sharding.progress_bar(
-          desc="write model", total=len(self._header), unit="tensor", disable=not progress))
+          desc="write model", total=sum(self._nbytes(k) for k in self._header), unit="B",
+          unit_scale=True, disable=not progress))
       if self._writes:
         self._tmp = self._exit.enter_context(output_dir.atomic_output_dir(out_dir, overwrite))
         for name, keys in zip(self._names, self._plan):
@@ -316,9 +319,13 @@ class MergedModelWriter:
                                     name="knots-jax copy unchanged tensors")
     self._thread.start()
 
-  def _tick(self) -> None:
+  def _nbytes(self, key: str) -> int:
+    _, shape, dtype = self._header[key]
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+  def _tick(self, key: str) -> None:
     with self._lock:
-      self._bar.update(1)
+      self._bar.update(self._nbytes(key))
 
   def _copy(self, key: str) -> None:
     """Tensor `key` of the base, copied byte for byte into its slot."""
@@ -326,7 +333,7 @@ class MergedModelWriter:
     if path not in self._offsets:
       self._offsets[path] = safetensors_slots.data_offsets(path)
     self._shards[key].copy_from(key, path, *self._offsets[path][key], stop=self._stop)
-    self._tick()
+    self._tick(key)
 
   def _copy_all(self, keys: list[str]) -> None:
     try:
@@ -376,7 +383,7 @@ class MergedModelWriter:
     if self._writes and any(k not in self._hint for k in changed):
       self._join()   # those were being copied: overwrite them only after the copy
     if not self._writes:   # other processes only compute the changed tensors
-      self._bar.reset(total=len(changed))
+      self._bar.reset(total=sum(self._nbytes(k) for k in changed))
     computed = merged_model_weights(result, self._model_dir, self._mesh, keys=changed)
     for key, value in _one_ahead(computed):
       host = sharding.to_host(value)
@@ -384,7 +391,7 @@ class MergedModelWriter:
       if self._writes:
         self._shards[key].write(key, host)
       if key in self._hint or not self._writes:   # else the copy thread counted it
-        self._tick()
+        self._tick(key)
       del host
     total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
                 for _, shape, dtype in self._header.values())

@@ -148,9 +148,8 @@ def _truncated_stacks(result: MergeResult, rank: int):
 def _nonzero_components(stack) -> tuple[np.ndarray, np.ndarray]:
   """The stack's factors without the components that are zero in every module
   (padding of smaller ranks, KnOTS components under `tol`): b [L, out, k], a [L, k, in]."""
-  b, a = np.asarray(stack.b), np.asarray(stack.a)
-  used = np.any(b != 0, axis=(0, 1)) & np.any(a != 0, axis=(0, 2))
-  return b[:, :, used], a[:, used, :]
+  used = stack.used_components()
+  return np.asarray(stack.b)[:, :, used], np.asarray(stack.a)[:, used, :]
 
 
 def _exact_stacks(trimmed, rank: int):

@@ -293,8 +293,8 @@ def merge(
   stats.update(info, merge_seconds=time.perf_counter() - start)
   if mesh is not None and (config.spec.core or config.spec.combine == "factors"):
     stats["mesh"] = "not used: this method runs unsharded"
-  if out and out[0].is_factored:
-    stats["output_rank"] = max(int(s.a.shape[-2]) for s in out)
+  if out and out[0].is_factored:   # the rank of the exact PEFT adapter (zero components dropped)
+    stats["output_rank"] = max(1, max(int(np.sum(s.used_components())) for s in out))
   settings = {**config.applicable(), "dtype": str(dt)}
   return MergeResult(stacks=tuple(out), peft_config=dict(aset.adapters[0].config),
                      method=config.method, settings=settings, extra=extra, stats=stats,

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from knots_jax.methods.options import MergeConfig
@@ -30,6 +31,12 @@ class MergedStack:
   @property
   def is_factored(self) -> bool:
     return self.delta is None
+
+  def used_components(self) -> np.ndarray:
+    """[k] booleans of a factored stack: the components that are non-zero in some module
+    (the padding of smaller ranks and KnOTS components under `tol` are not)."""
+    used = jnp.any(self.b != 0, axis=(0, 1)) & jnp.any(self.a != 0, axis=(0, 2))
+    return np.asarray(used)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,7 +188,7 @@ def host_label() -> str:
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None,
-                 unit: str = "it", disable: bool = False) -> tqdm.tqdm:
+                 unit: str = "it", disable: bool = False, unit_scale: bool = False) -> tqdm.tqdm:
   """A tqdm bar; on several processes its label starts with `host i/n` and its line is i.
 
   Every process of a multi-host run shows its own bar: the host prefix says
@@ -197,6 +197,7 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | No
   """
   label = host_label()
   return tqdm.tqdm(iterable, desc=f"{label} {desc}" if label else desc, total=total, unit=unit,
+                   unit_scale=unit_scale, unit_divisor=1024 if unit == "B" else 1000,
                    disable=disable, position=jax.process_index() if label else None,
                    leave=True)
 

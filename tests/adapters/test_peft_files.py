@@ -506,6 +506,10 @@ def test_refuses_missing_files(good, work):
     load_adapter(no_weights)
   with pytest.raises(AdapterError, match=r"nowhere: no such file or directory"):
     load_adapter(str(work / "nowhere"))
+  no_config = copy_adapter(good, work / "noconfig")
+  os.remove(os.path.join(no_config, "adapter_config.json"))
+  with pytest.raises(AdapterError, match=r"noconfig: .*missing: adapter_config\.json$"):
+    load_adapter(no_config)   # the weights are there: only the config is named
 
 
 def test_refuses_other_lora_variants(good, work):

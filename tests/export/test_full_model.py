@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -507,3 +508,17 @@ def test_eight_devices_subprocess(llama_family, sharded_base, merged, tmp_path):
   want_logits = _reference_logits(path, merged, IDS)
   np.testing.assert_allclose(_logits_of(restored, out + "_orbax", IDS), want_logits, rtol=1e-5,
                              atol=1e-5 * np.abs(want_logits).max())
+
+
+def test_the_write_progress_counts_bytes(bf16_base, merged, tmp_path, capsys):
+  """The full-model bar counts bytes, not tensors (whose sizes differ by orders of
+  magnitude, which made its rate and ETA meaningless), and ends at the model's size."""
+  path, _ = bf16_base
+  full_model.save_merged_model(merged, path, str(tmp_path / "m"), progress=True)
+  err = capsys.readouterr().err
+  total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+              if f.endswith(".safetensors"))
+  assert re.search(r"write model: 100%.*[kM]?B/s", err), err[-300:]
+  shown = re.findall(r"\| ([\d.]+)([kM]?)/([\d.]+)([kM]?) \[", err)[-1]
+  scale = {"": 1, "k": 1024, "M": 1024**2}
+  assert abs(float(shown[2]) * scale[shown[3]] - total) < 0.05 * total

@@ -102,9 +102,12 @@ def test_dense_baselines_are_dense_and_need_a_rank_for_lora(adapters):
     next(result.factors())
 
 
-def test_output_rank_and_stats(adapters):
+def test_output_rank_and_stats(adapters, tmp_path):
+  """stats.output_rank is the rank of the adapter that is written (zero components left
+  out: 4 + 2 + 3), not the padded n * max rank (12)."""
   result = knots_jax.merge(adapters, "knots_ties")
-  assert result.stats["output_rank"] == 3 * 4  # n * max rank (zero-padded)
+  report = knots_jax.save_peft_adapter(result, str(tmp_path / "a"))
+  assert result.stats["output_rank"] == report["rank"] == 4 + 2 + 3
   assert result.stats["kept_components"]["max"] == 4 + 2 + 3
   assert result.settings["method"] == "knots_ties"
 
