@@ -6,9 +6,10 @@ large backbone is never loaded whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import safetensors
@@ -17,6 +18,21 @@ from knots_jax.io import safetensors_slots
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str) -> Iterator:
+  """`safetensors.safe_open(path)`; a corrupt or truncated file raises a ValueError that names
+  it (safetensors' own errors do not say which file)."""
+  try:
+    handle = safetensors.safe_open(path, framework="numpy")
+  except (safetensors.SafetensorError, OSError) as e:
+    raise ValueError(f"`{path}` is not a readable safetensors file: {e}") from None
+  with handle as f:
+    try:
+      yield f
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"`{path}`: corrupt safetensors data: {e}") from None
 
 
 def tensor_files(model_dir: str) -> dict[str, str]:
@@ -28,7 +44,7 @@ def tensor_files(model_dir: str) -> dict[str, str]:
       weight_map = json.load(f)["weight_map"]
     return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
   if os.path.isfile(single):
-    with safetensors.safe_open(single, framework="numpy") as f:
+    with open_safetensors(single) as f:
       return {k: single for k in f.keys()}
   raise FileNotFoundError(
       f"`{model_dir}` is not a Hugging Face safetensors model: neither {SINGLE} nor {INDEX} "
@@ -53,7 +69,7 @@ def weight_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
   """{tensor key: shape} from the safetensors headers only."""
   shapes = {}
   for path, keys in keys_by_file(model_dir).items():
-    with safetensors.safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
       for key in keys:
         shapes[key] = tuple(f.get_slice(key).get_shape())
   return shapes
@@ -63,7 +79,7 @@ def read_tensors(model_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
   """Reads only `keys` (in their stored dtype; bf16 as ml_dtypes.bfloat16)."""
   out = {}
   for path, file_keys in keys_by_file(model_dir, keys).items():
-    with safetensors.safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
       for key in file_keys:
         out[key] = f.get_tensor(key)
   return out
@@ -74,7 +90,7 @@ def header(model_dir: str, keys: Iterable[str] | None = None):
   keys = list(tensor_files(model_dir) if keys is None else keys)
   info = {}
   for path, file_keys in keys_by_file(model_dir, keys).items():
-    with safetensors.safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
       for key in file_keys:
         s = f.get_slice(key)
         info[key] = (path, tuple(s.get_shape()), safetensors_slots.numpy_dtype(s.get_dtype()))

@@ -12,16 +12,15 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 from jax.sharding import Mesh
 
-from knots_jax.io.hf_checkpoint import header
+from knots_jax.io.hf_checkpoint import header, open_safetensors
 from knots_jax.parallel.sharding import weight_sharding
 
 
 def _read_slice(path: str, key: str, index, dtype) -> np.ndarray:
   """Only the block `index` (a tuple of slices) of one tensor, from disk."""
-  with safetensors.safe_open(path, framework="numpy") as f:
+  with open_safetensors(path) as f:
     s = f.get_slice(key)
     block = s[index] if len(index) else f.get_tensor(key)
   return np.asarray(block, dtype)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -256,3 +257,16 @@ def test_help_piped_into_a_closed_reader_ends_quietly():
                           shell=True, capture_output=True, text=True, cwd=REPO, timeout=120)
   for stderr in (done.stderr, closed.stderr):
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_a_corrupt_base_model_is_one_line_naming_the_file(capsys, tmp_path):
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  base = tmp_path / "base"
+  shutil.copytree(demo.base_model, base)
+  weights = base / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:100])   # truncated: a corrupt header
+  code = main.run(["merge", "--config", MERGE_CONFIG, f"--config.adapters={demo.adapters}",
+                   f"--config.base_model={base}", f"--config.output={tmp_path / 'o'}"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and str(weights) in err, err
+  assert not (tmp_path / "o").exists()
