@@ -4,6 +4,8 @@ the library itself computes in the dtypes it is given (float32 by default)."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile into memory only; tests/parallel/test_programs.py checks the persistent cache.
+os.environ.setdefault("KNOTS_JAX_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

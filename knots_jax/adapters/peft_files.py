@@ -41,7 +41,6 @@ import os
 import re
 from typing import Iterable, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 import safetensors
 
@@ -201,6 +200,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 def _raw_safetensors(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
   """Tensors whose dtype NumPy cannot name (bf16, fp8), read from the raw bytes."""
+  import ml_dtypes   # here, not at the top: its import takes ~1 s, and a dry run needs none
   with open(path, "rb") as fh:
     size = int.from_bytes(fh.read(8), "little")
     header = json.loads(fh.read(size))

@@ -23,7 +23,7 @@ from knots_jax.adapters.peft_files import AdapterSet
 from knots_jax.adapters.stacks import FactorStack, stack_adapters
 from knots_jax.alignment import knots_svd
 from knots_jax.methods.options import MergeConfig
-from knots_jax.parallel import sharding
+from knots_jax.parallel import programs, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,7 @@ def align(
   The options are checked as `MergeConfig` checks them (ValueError naming the option).
   """
   options = MergeConfig(method="knots_ta", path=path, concat=concat, tol=tol, dtype=dtype)
+  programs.enable_compile_cache()
   dt = compute_dtype(options.dtype)
   start = time.perf_counter()
   factors = tuple(stack_adapters(adapters, dtype=_host_dtype(dt)))

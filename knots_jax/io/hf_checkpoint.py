@@ -14,7 +14,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import safetensors
 
-from knots_jax.io import safetensors_slots
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -87,6 +86,7 @@ def read_tensors(model_dir: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
 
 def header(model_dir: str, keys: Iterable[str] | None = None):
   """{key: (file, shape, numpy dtype)} from the safetensors headers only."""
+  from knots_jax.io import safetensors_slots   # ml_dtypes (~1 s to import): only when needed
   keys = list(tensor_files(model_dir) if keys is None else keys)
   info = {}
   for path, file_keys in keys_by_file(model_dir, keys).items():

@@ -35,7 +35,7 @@ from knots_jax.merging.combine import combine
 from knots_jax.merging.lazy import LazyStack
 from knots_jax.merging.result import MergedStack, MergeResult
 from knots_jax.methods.options import MergeConfig
-from knots_jax.parallel import sharding
+from knots_jax.parallel import programs, sharding
 
 
 def merge_extra(adapters: AdapterSet, mode: str) -> dict[str, np.ndarray]:
@@ -274,9 +274,12 @@ def merge(
       of range or an option of another method raises ValueError.
 
   Raises ValueError too if the merge produced NaN or inf anywhere (naming the
-  modules), or if `tol` dropped every component of a module.
+  modules), or if `tol` dropped every component of a module. Turns on JAX's
+  persistent compilation cache (`parallel.programs.enable_compile_cache`; set
+  KNOTS_JAX_COMPILE_CACHE=off to disable it).
   """
   config = _resolve(adapters, method, config, options)
+  programs.enable_compile_cache()
   alignment = _alignment_for(adapters, config, progress, mesh)
   if mesh is None and config.spec.knots:
     mesh = alignment.mesh

@@ -68,6 +68,10 @@ class JobConfig:
   progress: bool = option(
       True, "Show progress bars (alignment; writing the full model). On several processes every "
       "host shows its own; the full-model bars are labelled `host i/n`.", checks.boolean)
+  compile_cache: str = option(
+      "", "Directory of JAX's persistent compilation cache, so that the next run on this "
+      "machine does not compile again; empty: $KNOTS_JAX_COMPILE_CACHE, else "
+      "~/.cache/knots_jax/jax; `off`: no cache.", checks.text)
   dry_run: bool = option(
       False, "Print the resolved configuration, check the adapters (and the base model) and stop "
       "before merging: nothing is computed or written.", checks.boolean)

@@ -23,7 +23,7 @@ from knots_jax.io import output_dir
 from knots_jax.merging import orchestrate
 from knots_jax.merging.result import KNOTS_CONFIG, MergeResult
 from knots_jax.methods.options import MergeConfig
-from knots_jax.parallel import sharding
+from knots_jax.parallel import programs, sharding
 from knots_jax.pipeline import inputs
 from knots_jax.pipeline.config import JobConfig
 
@@ -116,6 +116,7 @@ def run(job: JobConfig, config: MergeConfig) -> dict:
     jax.config.update("jax_enable_x64", True)
   if job.dry_run:
     return inputs.dry_run(job, config)
+  programs.enable_compile_cache(job.compile_cache or None)
   times: dict = {}
   inputs.check_job(job, config)
   mesh = _make_mesh(job.mesh)
