@@ -1,11 +1,15 @@
 """Linear paths between two merges, and the loss (or accuracy) barrier along them.
 
-`interpolation_path` gives the merges on the line between two results (their
-updates interpolated: the multiplied-merge path); `lmc_barrier` measures how
-far the scores along it fall below the straight line between its end points
-("LoRA Merging with SVD", the LMC paragraph of §4; Entezari et al. 2022). The
-paper also interpolates the factors A and B separately (the direct-merge path,
-`((1-t) B_1 + t B_2)((1-t) A_1 + t A_2)`), which this module does not offer yet.
+`interpolation_path` gives the merges between two results along one of the two
+paths of "LoRA Merging with SVD" (the LMC paragraph of §4, Fig. 1: "we
+interpolated the pairs of LoRAs with coefficients a in [0.1, ..., 1.0]"):
+`path="mm"`, the updates interpolated, `(1-t) B_1 A_1 + t B_2 A_2` (the
+multiplied merge, a straight line in weight space); `path="dm"`, the factors
+interpolated, `((1-t) B_1 + t B_2)((1-t) A_1 + t A_2)` (the direct merge, whose
+cross terms bend the path). `lmc_barrier` measures how far the scores along a
+path fall below the straight line between its end points (Entezari et al. 2022).
+For a pair of LoRAs, pass each adapter's own result (`merge` of a one-adapter
+set with "ta": its factors, PEFT's scale folded into B).
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ def _update_shape(s: MergedStack) -> tuple[int, ...]:
   return tuple(s.delta.shape)
 
 
+def _interpolate_factors(sa: MergedStack, sb: MergedStack, t: float) -> MergedStack:
+  """The direct-merge path: ((1-t) b_a + t b_b) @ ((1-t) a_a + t a_b), still a LoRA."""
+  if not (sa.is_factored and sb.is_factored) or sa.b.shape != sb.b.shape:
+    shapes = [None if s.b is None else (tuple(s.b.shape), tuple(s.a.shape)) for s in (sa, sb)]
+    raise ValueError(f"interpolation_path(path='dm') interpolates LoRA factors: the stack of "
+                     f"`{sa.modules[0]}` ... needs factors of equal shapes in both results; got "
+                     f"{shapes} (a dense result has none)")
+  return MergedStack(sa.modules, b=(1 - t) * sa.b + t * sb.b, a=(1 - t) * sa.a + t * sb.a)
+
+
 def _interpolate_stack(sa: MergedStack, sb: MergedStack, t: float) -> MergedStack:
   """(1 - t) * update_a + t * update_b; exact factors [b_a, b_b], [(1-t) a_a; t a_b]."""
   if sa.is_factored and sb.is_factored:
@@ -47,16 +61,21 @@ def _interpolate_stack(sa: MergedStack, sb: MergedStack, t: float) -> MergedStac
 
 
 def interpolation_path(result_a: MergeResult, result_b: MergeResult,
-                       ts: Sequence[float]) -> list[MergeResult]:
-  """Merges along the line theta(t) = (1 - t) theta_a + t theta_b, one per t.
+                       ts: Sequence[float], path: str = "mm") -> list[MergeResult]:
+  """The merges between two results at every t, along the MM or the DM path.
 
-  With theta = W + Delta, theta(t) = W + (1 - t) Delta_a + t Delta_b, so only
-  the updates are interpolated: exactly as LoRA factors (rank k_a + k_b) when
-  both results are factored, densely otherwise. `extra` tensors
-  (modules_to_save) are interpolated the same way. Evaluate each result and
-  pass the scores to `lmc_barrier` ("LoRA Merging with SVD" uses this to show
-  MM is linearly mode-connected to the task models).
+  `path="mm"`: theta(t) = (1 - t) theta_a + t theta_b; with theta = W + Delta,
+  only the updates are interpolated: exactly as LoRA factors (rank k_a + k_b)
+  when both results are factored, densely otherwise. `path="dm"`: the factors
+  are interpolated, B(t) A(t) with B(t) = (1-t) B_a + t B_b and A(t) likewise
+  (both results factored, of equal shapes). `extra` tensors (modules_to_save)
+  are interpolated linearly on both paths. Evaluate each result and pass the
+  scores to `lmc_barrier`: "LoRA Merging with SVD" (§4, Fig. 1) finds the MM
+  path linearly mode-connected and the DM path not.
   """
+  if path not in ("mm", "dm"):
+    raise ValueError(f"interpolation_path: path must be `mm` or `dm`, got {path!r}")
+  step = _interpolate_stack if path == "mm" else _interpolate_factors
   ts = _check_ts(ts)
   by_a, by_b = _stacks_by_modules(result_a), _stacks_by_modules(result_b)
   if set(by_a) != set(by_b):
@@ -75,10 +94,11 @@ def interpolation_path(result_a: MergeResult, result_b: MergeResult,
                      f"{sorted(result_a.extra)} vs {sorted(result_b.extra)}")
   path = []
   for t in ts.tolist():
-    stacks = tuple(_interpolate_stack(sa, by_b[m], t) for m, sa in by_a.items())
+    stacks = tuple(step(sa, by_b[m], t) for m, sa in by_a.items())
     extra = {k: (1 - t) * np.asarray(v) + t * np.asarray(result_b.extra[k])
              for k, v in result_a.extra.items()}
     settings = {"method": f"interpolation({result_a.method}, {result_b.method})", "t": t,
+                "path": path,
                 "a": dict(result_a.settings), "b": dict(result_b.settings)}
     path.append(MergeResult(stacks=stacks, peft_config=dict(result_a.peft_config),
                             method=settings["method"], settings=settings, extra=extra))
