@@ -203,6 +203,7 @@ def child(mode: str, spec: dict) -> dict:
   out = {"rss_after_imports_mib": None}
   if mode in ("plain", "cp"):
     from knots_jax.io import hf_checkpoint  # imports safetensors.numpy before the clock starts
+    import ml_dtypes  # noqa: F401  (numpy learns bfloat16: safetensors' numpy reader needs it)
     out["rss_after_imports_mib"] = _rss_now_mib()
     start = time.perf_counter()
     _, out["peak_rss_write_mib"] = _phase_peak(
