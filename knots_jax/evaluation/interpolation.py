@@ -92,7 +92,7 @@ def interpolation_path(result_a: MergeResult, result_b: MergeResult,
   if set(result_a.extra) != set(result_b.extra):
     raise ValueError(f"interpolation_path: modules_to_save tensors differ: "
                      f"{sorted(result_a.extra)} vs {sorted(result_b.extra)}")
-  path = []
+  results = []
   for t in ts.tolist():
     stacks = tuple(step(sa, by_b[m], t) for m, sa in by_a.items())
     extra = {k: (1 - t) * np.asarray(v) + t * np.asarray(result_b.extra[k])
@@ -100,9 +100,9 @@ def interpolation_path(result_a: MergeResult, result_b: MergeResult,
     settings = {"method": f"interpolation({result_a.method}, {result_b.method})", "t": t,
                 "path": path,
                 "a": dict(result_a.settings), "b": dict(result_b.settings)}
-    path.append(MergeResult(stacks=stacks, peft_config=dict(result_a.peft_config),
-                            method=settings["method"], settings=settings, extra=extra))
-  return path
+    results.append(MergeResult(stacks=stacks, peft_config=dict(result_a.peft_config),
+                               method=settings["method"], settings=settings, extra=extra))
+  return results
 
 
 def lmc_barrier(ts: Sequence[float], scores: Sequence[float],

@@ -170,7 +170,8 @@ multiplied_merge_stack = per_stack(svd_family.multiplied_merge, in_axes=(0, 0, N
 cross_term_stack = per_stack(svd_family.cross_term, in_axes=(0, 0, None))
 _cross_norm_stack = per_stack(svd_family.cross_norm, in_axes=(0, 0, None))
 _mm_norm_stack = per_stack(svd_family.mm_norm, in_axes=(0, 0, None))
-_cross_term_noise_stack = per_stack(svd_family.cross_term_noise, in_axes=(0, 0, None, 0))
+_NOISE = {"moments": per_stack(svd_family.cross_term_noise_moments, in_axes=(0, 0, None, 0)),
+          "norm": per_stack(svd_family.cross_term_noise, in_axes=(0, 0, None, 0))}
 
 
 def _checked_stack(b, a, weights):
@@ -223,8 +224,10 @@ def mm_svd_stack(b, a, weights, rank: int | None = None):
   return b_r, a_r
 
 
-def cross_term_noise_stack(b, a, weights, seed: int, modules: Sequence[str]) -> jax.Array:
-  """`svd_family.cross_term_noise` over a stack b [L, n, out, r], a [L, n, r, in] -> [L, out, in].
+def cross_term_noise_stack(b, a, weights, seed: int, modules: Sequence[str],
+                           noise: str = "norm") -> jax.Array:
+  """L_MM + noise over a stack b [L, n, out, r], a [L, n, r, in] -> [L, out, in]: noise
+  "moments" (the paper's N(mean(M), std(M))) or "norm" (of ||M||_F, zero mean).
 
   Module l draws its noise from `module_keys(seed, modules)[l]`: deterministic
   given the seed, independent across modules.
@@ -232,7 +235,7 @@ def cross_term_noise_stack(b, a, weights, seed: int, modules: Sequence[str]) -> 
   b, a, weights = _checked_stack(b, a, weights)
   if len(modules) != b.shape[0]:
     raise ValueError(f"need one module name per stacked module ({b.shape[0]}); got {len(modules)}")
-  return _cross_term_noise_stack(b, a, weights, module_keys(seed, modules))
+  return _NOISE[noise](b, a, weights, module_keys(seed, modules))
 
 
 # ------------------------------------------------ Iso-C, Iso-CTS, TSV-M, SFTM
@@ -308,7 +311,7 @@ FACTOR_KERNELS: Mapping[str, FactorKernel] = {
     "mm_svd": lambda b, a, c, modules: mm_svd_stack(
         b, a, _uniform_weights(b, c.scaling), rank=c.output_rank or None),
     "mm_noise": lambda b, a, c, modules: cross_term_noise_stack(
-        b, a, _uniform_weights(b, c.scaling), c.seed, modules),
+        b, a, _uniform_weights(b, c.scaling), c.seed, modules, noise=c.noise),
     "iso_c": lambda b, a, c, modules: iso_c_stack(b, a, scaling=c.scaling),
     "iso_cts": lambda b, a, c, modules: iso_cts_stack(
         b, a, common_fraction=c.common_fraction, scaling=c.scaling),

@@ -136,6 +136,11 @@ class MergeConfig:
       "1 = no trim (computed from the factors); < 1 trims the dense updates (memory: n dense "
       "updates of one stack at a time).", checks.interval(0.0, 1.0, lo_open=True),
       only=("sftm",))
+  noise: str = option(
+      "moments", "mm_noise: how the cross term M = L_DM - L_MM is simulated: `moments`, "
+      "N_ij ~ N(mean(M), std(M)) as the paper samples it (LoRA Merging with SVD, §4), or "
+      "`norm`, zero-mean Gaussian noise scaled to ||M||_F (this package's earlier reading).",
+      checks.one_of(("moments", "norm")), only=("mm_noise",))
   path: str = option(
       "factors", "KnOTS alignment from the LoRA factors (`factors`: QR + the SVD of a small "
       "matrix; fast, exact) or from the dense updates (`dense`, the reference, slow). `core` is "

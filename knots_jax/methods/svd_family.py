@@ -139,8 +139,24 @@ def mm_norm(b, a, weights):
   return _fro_factored(*multiplied_merge(b, a, weights))
 
 
+def cross_term_noise_moments(b: jax.Array, a: jax.Array, weights: jax.Array,
+                             key: jax.Array) -> jax.Array:
+  """L_MM + N with N_ij ~ N(mean(M), std(M)) i.i.d., M = L_DM - L_MM the cross term.
+
+  The ablation as "LoRA Merging with SVD" states it (§4, "Interference Impact and
+  Scaling Effects": "we sample a noise matrix N with N_ij ~ N(mean(M), std(M))");
+  mean and standard deviation are over the entries of this module's M. Dense [out, in].
+  """
+  w = check_weights(weights, b.shape[0])
+  m = cross_term_dense(b, a, w)
+  g = jax.random.normal(key, m.shape, b.dtype)
+  b_mm, a_mm = multiplied_merge(b, a, w)
+  return b_mm @ a_mm + jnp.mean(m) + jnp.std(m) * g
+
+
 def cross_term_noise(b: jax.Array, a: jax.Array, weights: jax.Array, key: jax.Array) -> jax.Array:
-  """L_MM + N: DM's cross term replaced by Gaussian noise of the same Frobenius norm.
+  """L_MM + N: DM's cross term replaced by Gaussian noise of the same Frobenius norm
+  (`noise="norm"`, an option; the paper's own sampling is `cross_term_noise_moments`).
 
   The ablation of "LoRA Merging with SVD" that asks whether the cross term
   M = L_DM - L_MM hurts as structure or only as a perturbation of its size.

@@ -4,6 +4,7 @@ factor path == dense path."""
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -255,6 +256,36 @@ def test_cross_term_noise_has_the_cross_terms_norm(stack):
     np.testing.assert_allclose(np.linalg.norm(noise), np.linalg.norm(dm - mm), rtol=1e-10)
     assert np.linalg.matrix_rank(noise) == min(noise.shape)   # full rank: not the cross term
     assert abs(np.sum(noise * (dm - mm))) < 0.9 * np.linalg.norm(dm - mm) ** 2
+
+
+def test_cross_term_noise_moments_is_the_papers_sampling(stack):
+  """noise="moments": N_ij ~ N(mean(M), std(M)) ("LoRA Merging with SVD", §4), M = DM - MM."""
+  got = np.asarray(kernels.cross_term_noise_stack(stack.b, stack.a, WEIGHTS, 3, stack.modules,
+                                                  noise="moments"))
+  keys = kernels.module_keys(3, stack.modules)
+  for l in range(len(stack.modules)):
+    b, a, w = stack.b[l], stack.a[l], WEIGHTS
+    mm = np.einsum("n,noi->oi", w, stack.deltas()[l])
+    m = np.einsum("n,nor->or", w, b) @ np.einsum("n,nri->ri", w, a) - mm
+    standard = (got[l] - mm - m.mean()) / m.std()
+    g = np.asarray(jax.random.normal(keys[l], m.shape, jnp.float64))
+    np.testing.assert_allclose(standard, g, atol=1e-8)
+    assert abs(standard.mean()) < 0.4 and 0.7 < standard.std() < 1.3
+
+
+def test_merge_passes_the_noise_option():
+  adapters = synthetic.adapter_set(ranks=(2, 3), seed=5)
+  default = knots_jax.merge(adapters, "mm_noise", seed=1, dtype="float64")
+  moments = knots_jax.merge(adapters, "mm_noise", seed=1, noise="moments", dtype="float64")
+  norm = knots_jax.merge(adapters, "mm_noise", seed=1, noise="norm", dtype="float64")
+  assert default.settings["noise"] == "moments" and norm.settings["noise"] == "norm"
+  for d, mo, no in zip(default.stacks, moments.stacks, norm.stacks):
+    np.testing.assert_array_equal(np.asarray(d.delta), np.asarray(mo.delta))
+    assert np.abs(np.asarray(no.delta) - np.asarray(mo.delta)).max() > 1e-6
+  with pytest.raises(ValueError, match="noise"):
+    knots_jax.merge(adapters, "mm_noise", noise="uniform")
+  with pytest.raises(ValueError, match="noise"):
+    knots_jax.merge(adapters, "ta", noise="norm")
 
 
 def test_cross_term_noise_is_seeded_per_module(stack):
