@@ -145,6 +145,23 @@ def split_list(value: str) -> tuple[str, ...]:
   return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def number_list(value: object) -> tuple[float, ...]:
+  """A tuple of finite numbers, from a sequence or one comma-separated string
+  (`"0.5, 1, 0.7"`); empty: none given."""
+  items = split_list(value) if isinstance(value, str) else value
+  if not isinstance(items, (list, tuple)):
+    raise ValueError(f"must be a list of numbers (or one comma-separated string), got {value!r}")
+  out = []
+  for i, item in enumerate(items):
+    if isinstance(item, str):
+      try:
+        item = float(item)
+      except ValueError:
+        raise ValueError(f"item {i} must be a finite number, got {item!r}") from None
+    out.append(named(f"item {i}", number, item).__float__())
+  return tuple(out)
+
+
 def optional(check: Check) -> Check:
   """None, or a value that passes `check` (JSON's null for "not set")."""
   def check_optional(value: object) -> object:

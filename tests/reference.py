@@ -87,19 +87,26 @@ def knots_decompose(deltas: dict[str, np.ndarray], tol: float = 1e-5):
 
 
 def _merge_values(values: dict[str, np.ndarray], base: str, scaling: float, top_k: float,
-                  drop_rate: float, keep_masks) -> dict[str, np.ndarray]:
-  """TA / mean / TIES / DARE(-TIES) over {module: [n, ...]}, one vector per task."""
+                  drop_rate: float, keep_masks, weights=None) -> dict[str, np.ndarray]:
+  """TA / mean / TIES / DARE(-TIES) over {module: [n, ...]}, one vector per task.
+
+  weights [n]: task i's values count w_i times (TA: sum w_i x_i; TIES: the
+  pruned values after the sign election, as PEFT's `ties` does)."""
   flat, layout = flatten(values)
   n = flat.shape[0]
+  w = scaling * (np.ones(n) if weights is None else np.asarray(weights, float))
   if base in ("dare", "dare_ties"):
     masks, _ = flatten({m: keep_masks[m] for m in values})
     flat = dare(flat, masks, drop_rate)
   if base in ("ta", "dare"):
-    merged = scaling * flat.sum(axis=0)
+    merged = (w[:, None] * flat).sum(axis=0)
   elif base == "mean":
-    merged = scaling * flat.sum(axis=0) / n
+    merged = (w[:, None] * flat).sum(axis=0) / n
   elif base in ("ties", "dare_ties"):
-    merged = ties_merge(flat, top_k, scaling)
+    pruned = flat * topk_values_mask(flat, top_k)
+    sign = resolve_sign(pruned)
+    agree = np.where(sign[None] > 0, pruned > 0, pruned < 0)   # counted whatever the weight
+    merged = (w[:, None] * pruned * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
   else:
     raise ValueError(base)
   return unflatten(merged, layout)
@@ -114,6 +121,7 @@ def merge(
     drop_rate: float = 0.9,
     keep_masks: dict[str, np.ndarray] | None = None,
     tol: float = 1e-5,
+    weights=None,
 ) -> dict[str, np.ndarray]:
   """Merged dense update per module; deltas: {module: [n, out, in]} float64.
 
@@ -126,7 +134,7 @@ def merge(
     us, values = knots_decompose(deltas, tol)
   else:
     values = deltas
-  per_module = _merge_values(values, base, scaling, top_k, drop_rate, keep_masks)
+  per_module = _merge_values(values, base, scaling, top_k, drop_rate, keep_masks, weights)
   if knots:
     return {m: us[m] @ per_module[m] for m in per_module}
   return per_module
@@ -282,6 +290,7 @@ def core_merge(
     drop_rate: float = 0.9,
     keep_masks: dict[str, np.ndarray] | None = None,
     top_k_scope: str = "model",
+    weights=None,
 ) -> dict[str, np.ndarray]:
   """`core_X`: the method X on every module's cores, then U_B M V_A^T.
 
@@ -302,8 +311,8 @@ def core_merge(
   elif base == "iso_cts":
     merged = {m: iso_cts(c, 0.8, scaling=scaling) for m, c in cores.items()}
   elif top_k_scope == "layer":
-    merged = {m: _merge_values({m: c}, base, scaling, top_k, drop_rate, keep_masks)[m]
+    merged = {m: _merge_values({m: c}, base, scaling, top_k, drop_rate, keep_masks, weights)[m]
               for m, c in cores.items()}
   else:
-    merged = _merge_values(cores, base, scaling, top_k, drop_rate, keep_masks)
+    merged = _merge_values(cores, base, scaling, top_k, drop_rate, keep_masks, weights)
   return {m: bases[m][0] @ merged[m] @ bases[m][1].T for m in merged}

@@ -42,7 +42,7 @@ def _dare(r: Stack, keys: jax.Array, keep_prob: np.ndarray) -> Stack:
   return kernels.dare_stack(r, keys, keep_prob)
 
 
-def _ties_model(reps: Sequence[Stack], valids, top_k: float, scaling: float):
+def _ties_model(reps: Sequence[Stack], valids, top_k: float, scaling):
   """TIES with one threshold per task and one majority sign for the whole model.
 
   Lazy stacks: pass 1 (threshold, majority sign) and pass 2 (merge) each make
@@ -63,7 +63,7 @@ def _ties_model(reps: Sequence[Stack], valids, top_k: float, scaling: float):
                   "values_per_task": count, "threshold_seconds": threshold_seconds}
 
 
-def _ties_layer(reps: Sequence[Stack], valids, top_k: float, scaling: float):
+def _ties_layer(reps: Sequence[Stack], valids, top_k: float, scaling):
   """TIES with thresholds and majority signs per module (PEFT / mergekit style)."""
   merged = []
   for r, v in zip(reps, valids):
@@ -94,12 +94,13 @@ def combine(reps: Sequence[Stack], valids: Sequence[jax.Array],
   if spec.dare:
     keep_prob = kernels.keep_probability(config.drop_rate)
     reps = [_dare(r, kernels.module_keys(config.seed, m), keep_prob) for r, m in zip(reps, modules)]
+  scaling = config.task_scaling(shape_of(reps[0]).shape[1])   # alpha, or alpha * w_i
   if spec.combine == "sum":
-    return per_stack(lambda r: kernels.sum_stack(r, config.scaling), reps), {}
+    return per_stack(lambda r: kernels.sum_stack(r, scaling), reps), {}
   if spec.combine == "mean":
-    return per_stack(lambda r: kernels.mean_stack(r, config.scaling), reps), {}
+    return per_stack(lambda r: kernels.mean_stack(r, scaling), reps), {}
   if spec.combine != "ties":
     raise ValueError(f"`{config.method}` does not merge entry by entry (combine={spec.combine})")
   if config.top_k_scope == "model":
-    return _ties_model(reps, valids, config.top_k, config.scaling)
-  return _ties_layer(reps, valids, config.top_k, config.scaling)
+    return _ties_model(reps, valids, config.top_k, scaling)
+  return _ties_layer(reps, valids, config.top_k, scaling)

@@ -292,8 +292,19 @@ FactorKernel = Callable[[jax.Array, jax.Array, MergeConfig, Sequence[str]], obje
 MatrixKernel = Callable[[jax.Array, jax.Array, MergeConfig], jax.Array]
 
 
-def _uniform_weights(b: jax.Array, scaling: float) -> jax.Array:
-  return jnp.full((b.shape[1],), scaling, b.dtype)
+def _uniform_weights(b: jax.Array, config) -> jax.Array:
+  """alpha * w_i per task [n] (alpha for all without `weights`): DM, MM weigh both factors."""
+  n = b.shape[1]
+  return jnp.asarray(np.broadcast_to(config.task_scaling(n), (n,)), b.dtype)
+
+
+def _weighted_b(b: jax.Array, config) -> jax.Array:
+  """w_i B_i (so w_i dW_i): methods whose alpha is applied after them (Iso-C, Iso-CTS,
+  TSV-M, SFTM) weigh each task's update first; unchanged without `weights`."""
+  if not config.weights:
+    return b
+  w = config.task_weights(b.shape[1])
+  return b * jnp.asarray(w, b.dtype)[None, :, None, None]
 
 
 def _sftm(b, a, config: MergeConfig, modules):
@@ -307,17 +318,17 @@ def _sftm(b, a, config: MergeConfig, modules):
 # combine == "factors": (b [L,n,out,r], a [L,n,r,in], config, modules) -> (b_m, a_m) or delta
 FACTOR_KERNELS: Mapping[str, FactorKernel] = {
     "direct_merge": lambda b, a, c, modules: direct_merge_stack(
-        b, a, _uniform_weights(b, c.scaling)),
+        b, a, _uniform_weights(b, c)),
     "mm_svd": lambda b, a, c, modules: mm_svd_stack(
-        b, a, _uniform_weights(b, c.scaling), rank=c.output_rank or None),
+        b, a, _uniform_weights(b, c), rank=c.output_rank or None),
     "mm_noise": lambda b, a, c, modules: cross_term_noise_stack(
-        b, a, _uniform_weights(b, c.scaling), c.seed, modules, noise=c.noise),
-    "iso_c": lambda b, a, c, modules: iso_c_stack(b, a, scaling=c.scaling),
+        b, a, _uniform_weights(b, c), c.seed, modules, noise=c.noise),
+    "iso_c": lambda b, a, c, modules: iso_c_stack(_weighted_b(b, c), a, scaling=c.scaling),
     "iso_cts": lambda b, a, c, modules: iso_cts_stack(
-        b, a, common_fraction=c.common_fraction, scaling=c.scaling),
-    "tsv_m": lambda b, a, c, modules: tsv_merge_stack(b, a, keep=c.tsv_keep or None,
-                                                      scaling=c.scaling),
-    "sftm": _sftm,
+        _weighted_b(b, c), a, common_fraction=c.common_fraction, scaling=c.scaling),
+    "tsv_m": lambda b, a, c, modules: tsv_merge_stack(
+        _weighted_b(b, c), a, keep=c.tsv_keep or None, scaling=c.scaling),
+    "sftm": lambda b, a, c, modules: _sftm(_weighted_b(b, c), a, c, modules),
 }
 
 
@@ -327,6 +338,13 @@ def _knots_tsv(v, rank, config: MergeConfig):
   so all their singular values are 1 and a truncation would pick an arbitrary
   subspace; keeping all leaves the whitening, which is well defined."""
   return tsv_merge_dense_stack(v, keep=min(v.shape[-2:]), scaling=config.scaling)
+
+
+def weighted_matrices(x: jax.Array, config) -> jax.Array:
+  """w_i x_i for x [L, n, R, C] (the core matrices or V_i^T are linear in task i's update)."""
+  if not config.weights:
+    return x
+  return x * jnp.asarray(config.task_weights(x.shape[1]), x.dtype)[None, :, None, None]
 
 
 # combine == "matrices": (x [L,n,R,C], rank [L], config) -> merged [L,R,C]; the core

@@ -60,6 +60,7 @@ def _aligned_matrices(stack: knots_svd.AlignedStack, config: MergeConfig) -> jax
   """`knots_tsv_m`: the method on the V_i^T, then diag(s) in front (U diag(s) merged)."""
   v = kernels.unscaled_v(stack.rep, stack.s, stack.valid)
   rank = jnp.sum(stack.valid, axis=-1)
+  v = kernels.weighted_matrices(v, config)
   return stack.s[:, :, None] * kernels.MATRIX_KERNELS[config.method](v, rank, config)
 
 
@@ -110,7 +111,8 @@ def _merge_core(factors: Sequence[FactorStack], config: MergeConfig, dt):
   cores = [core_space.project_stack(f.modules, f.b, f.a, dtype=dt) for f in factors]
   if config.spec.combine == "matrices":
     kernel = kernels.MATRIX_KERNELS[config.method]
-    merged, info = [kernel(c.cores, c.rank, config) for c in cores], {}
+    merged, info = [kernel(kernels.weighted_matrices(c.cores, config), c.rank, config)
+                    for c in cores], {}
   else:
     reps = [c.cores.reshape(c.cores.shape[:2] + (-1, 1)) for c in cores]
     merged, info = combine(reps, [c.entry_valid for c in cores], [c.modules for c in cores],
@@ -138,9 +140,11 @@ def _merge_linear(factors: Sequence[FactorStack], config: MergeConfig, dt):
   out = []
   for f in factors:
     L, n, o, r = f.b.shape
-    coef = config.scaling / (n if config.spec.combine == "mean" else 1)
+    coef = np.broadcast_to(config.task_scaling(n), (n,)) / (n if config.spec.combine == "mean"
+                                                             else 1)
     b = jnp.asarray(np.transpose(f.b, (0, 2, 1, 3)).reshape(L, o, n * r), dt)
-    a = coef * jnp.asarray(f.a.reshape(L, n * r, -1), dt)
+    a = jnp.asarray(np.repeat(coef, r)[None, :, None], dt) * jnp.asarray(
+        f.a.reshape(L, n * r, -1), dt)
     out.append(MergedStack(f.modules, b=b, a=a))
   return out
 
@@ -289,6 +293,9 @@ def merge(
   start = time.perf_counter()
   dt = compute_dtype(alignment.settings.get("dtype", config.dtype))
   stats = _stats(aset, alignment, config)
+  if config.weights and len(config.weights) != len(aset.adapters):
+    raise ValueError(f"weights: {len(config.weights)} weight(s) for {len(aset.adapters)} "
+                     f"adapter(s) ({', '.join(aset.names)}); give one per adapter, in this order")
   out, info = _run_space(alignment, config, dt, mesh)
   for s in out:
     jax.block_until_ready(s.delta if s.delta is not None else s.a)

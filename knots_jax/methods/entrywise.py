@@ -34,14 +34,24 @@ def _task_axis_expand(v: jax.Array, x: jax.Array) -> jax.Array:
   return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def task_arithmetic(x: jax.Array, scaling: float) -> jax.Array:
-  """`scaling * sum_i x_i`."""
-  return scaling * jnp.sum(x, axis=0)
+def weigh(x: jax.Array, scaling) -> jax.Array:
+  """`scaling * x` for one alpha, or `w_i x_i` for a vector of per-task weights [n]."""
+  scaling = jnp.asarray(scaling, x.dtype)
+  return scaling * x if scaling.ndim == 0 else _task_axis_expand(scaling, x) * x
 
 
-def average(x: jax.Array, scaling: float = 1.0) -> jax.Array:
-  """`scaling * mean_i x_i` (plain averaging; scaling 1 by default)."""
-  return scaling * jnp.mean(x, axis=0)
+def task_arithmetic(x: jax.Array, scaling) -> jax.Array:
+  """`scaling * sum_i x_i`, or `sum_i w_i x_i` for per-task weights w [n]."""
+  if jnp.ndim(scaling) == 0:
+    return scaling * jnp.sum(x, axis=0)
+  return jnp.sum(weigh(x, scaling), axis=0)
+
+
+def average(x: jax.Array, scaling=1.0) -> jax.Array:
+  """`scaling * mean_i x_i` (plain averaging; scaling 1 by default), or `mean_i w_i x_i`."""
+  if jnp.ndim(scaling) == 0:
+    return scaling * jnp.mean(x, axis=0)
+  return jnp.mean(weigh(x, scaling), axis=0)
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob) -> jax.Array:
@@ -104,19 +114,22 @@ def elect_sign(pruned: jax.Array, majority: jax.Array | float) -> jax.Array:
   return jnp.where(elected == 0, jnp.sign(majority), elected).astype(pruned.dtype)
 
 
-def disjoint_mean(pruned: jax.Array, elected: jax.Array, scaling: float) -> jax.Array:
+def disjoint_mean(pruned: jax.Array, elected: jax.Array, scaling) -> jax.Array:
   """Mean over the tasks whose (non-zero) value agrees with the elected sign.
 
-  As in the reference, every kept value is multiplied by `scaling` first and the
-  sum is divided by the number of non-zero kept values (0 where there are none).
+  As in the reference, every kept value is multiplied by `scaling` first (or by
+  its task's weight w_i, as PEFT's `ties` weighs the pruned values after the
+  sign election) and the sum is divided by the number of agreeing kept values
+  (0 where there are none).
   """
   agree = jnp.where(elected > 0, pruned > 0, pruned < 0)
-  selected = scaling * jnp.where(agree, pruned, 0)
-  count = jnp.sum(selected != 0, axis=0)
+  selected = weigh(jnp.where(agree, pruned, 0), scaling) if jnp.ndim(scaling) else (
+      scaling * jnp.where(agree, pruned, 0))
+  count = jnp.sum(agree, axis=0)
   return jnp.sum(selected, axis=0) / jnp.maximum(count, 1).astype(pruned.dtype)
 
 
-def ties(x: jax.Array, threshold: jax.Array, majority: jax.Array | float, scaling: float) -> jax.Array:
+def ties(x: jax.Array, threshold: jax.Array, majority: jax.Array | float, scaling) -> jax.Array:
   """TIES on one module given the per-task thresholds and the majority sign."""
   pruned = jnp.where(magnitude_mask(x, threshold), x, 0)
   return disjoint_mean(pruned, elect_sign(pruned, majority), scaling)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from knots_jax import checks
 from knots_jax.methods import registry
 
@@ -109,6 +111,13 @@ class MergeConfig:
       1.0, "alpha: multiplies the merged update (TIES: every kept value, before the disjoint "
       "mean; DM, MM: the weight of every adapter; SFTM: gamma). The paper searches 0.1 ... 1.0.",
       checks.number)
+  weights: tuple[float, ...] = option(
+      (), "One weight per adapter, in the adapters' order (comma-separated: 0.5,1.0,0.7); "
+      "empty: every adapter weighs 1. Each method multiplies adapter i by scaling * w_i "
+      "where its alpha acts (TA: sum w_i dW_i; TIES, DARE: the kept values before the "
+      "disjoint mean; KnOTS: w_i diag(s) V_i^T; DM, MM: w_i B_i and w_i A_i; Iso-C, Iso-CTS, "
+      "TSV-M, SFTM: the task update w_i dW_i before the method). docs/methods.md states each.",
+      checks.number_list)
   top_k: float = option(
       30.0, "TIES: the share of entries kept per task, in (0, 100]; > 1 means percent (30 = 30%), "
       "1 or 100 keep everything. The paper searches 10 ... 100.", TOP_K, _uses_ties)
@@ -171,6 +180,24 @@ class MergeConfig:
   def spec(self) -> registry.Method:
     """The method's row of the table."""
     return registry.METHODS[self.method]
+
+  def task_scaling(self, n: int):
+    """alpha for every task: `scaling` (a float) without `weights`, else the [n] vector
+    scaling * w_i (ValueError unless there is one weight per adapter)."""
+    if not self.weights:
+      return self.scaling
+    if len(self.weights) != n:
+      raise ValueError(f"weights: {len(self.weights)} weight(s) for {n} adapter(s); give one "
+                       "per adapter, in the adapters' order")
+    return self.scaling * np.asarray(self.weights)
+
+  def task_weights(self, n: int):
+    """w_i for methods that weigh the tasks' updates before their own alpha (a [n] vector,
+    all ones without `weights`)."""
+    if not self.weights:
+      return np.ones(n)
+    self.task_scaling(n)   # the length check
+    return np.asarray(self.weights)
 
   def applies(self, name: str) -> bool:
     """Whether the method reads option `name`."""

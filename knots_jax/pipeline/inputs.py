@@ -16,6 +16,9 @@ def check_job(job: JobConfig, config: MergeConfig) -> None:
   if job.alignment_cache and not config.spec.knots:
     raise ValueError(f"alignment_cache is for the knots_* methods; `{config.method}` does not "
                      "align (unset --config.alignment_cache)")
+  if config.weights and len(config.weights) != len(job.adapters):
+    raise ValueError(f"weights: {len(config.weights)} weight(s) for {len(job.adapters)} "
+                     f"adapter(s) ({', '.join(job.adapters)}); give one per adapter, in order")
   if job.output:
     output_dir.check_output_dir(job.output, overwrite=job.overwrite)
 

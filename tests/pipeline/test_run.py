@@ -43,3 +43,28 @@ def test_a_dry_run_reads_and_checks_but_computes_and_writes_nothing(tmp_path):
   assert "stats" not in summary and not (tmp_path / "out").exists()
   with pytest.raises(ValueError, match="alignment_cache is for the knots_\\* methods"):
     run(JobConfig(adapters=ADAPTERS, alignment_cache=str(tmp_path / "c"), dry_run=True), config)
+
+
+def test_weights_from_the_command_line_reach_the_merge(tmp_path, capsys):
+  """`--config.weights=0.5,1.0,0.7`: parsed once (checks.number_list), checked against the
+  number of adapters before anything is read, and written to knots_config.json."""
+  out = tmp_path / "out"
+  config = knots_jax.MergeConfig(method="knots_ta", weights="0.5, 1.0, 0.7")
+  from knots_jax.cli import main
+  configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "merge.py")
+  assert main.run(["merge", "--config", configs, f"--config.adapters={','.join(ADAPTERS)}",
+                   "--config.method=knots_ta", "--config.weights=0.5,1.0,0.7",
+                   f"--config.output={out}", "--config.progress=false"]) == 0
+  assert "weights" in capsys.readouterr().out
+  record = json.loads((out / "knots_config.json").read_text())
+  assert record["config"]["weights"] == [0.5, 1.0, 0.7]
+  merged = knots_jax.merge(knots_jax.load_adapters(list(ADAPTERS)), "ta", weights=(0.5, 1, 0.7))
+  unweighted = knots_jax.merge(knots_jax.load_adapters(list(ADAPTERS)), "ta")
+  written = knots_jax.load_adapters([str(out / "adapter")])
+  for m in written.module_names:
+    delta = written.adapters[0].modules[m].delta()
+    np.testing.assert_allclose(delta, merged.delta(m), rtol=1e-4, atol=1e-4 * np.abs(
+        merged.delta(m)).max())
+    assert np.abs(delta - unweighted.delta(m)).max() > 1e-3
+  with pytest.raises(ValueError, match=r"weights: 2 weight\(s\) for 3 adapter\(s\)"):
+    run(JobConfig(adapters=ADAPTERS, dry_run=True), config.replace(weights=(1.0, 2.0)))
