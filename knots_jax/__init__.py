@@ -28,6 +28,8 @@ _PUBLIC = {
     "load_adapters": "knots_jax.adapters.peft_files",
     "METHODS": "knots_jax.methods.registry",
     "MergeConfig": "knots_jax.methods.options",
+    "PRESETS": "knots_jax.methods.presets",
+    "get_preset": "knots_jax.methods.presets",
     "AlignedStack": "knots_jax.alignment.knots_svd",
     "Alignment": "knots_jax.alignment.decompose",
     "align": "knots_jax.alignment.decompose",

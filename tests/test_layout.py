@@ -96,9 +96,12 @@ def _no_jax(code: str) -> subprocess.CompletedProcess:
                         cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["merge", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["presets"], ["merge", "--help"],
                                   ["merge", "--config", "configs/merge.py", "--config.topk=3"],
                                   ["merge", "--config", "configs/demo.py",
+                                   "--config.dry_run=true"],
+                                  ["merge", "--config", "configs/merge.py:sftm_vit_b32",
+                                   "--config.adapters=assets/demo/adapters/task_a",
                                    "--config.dry_run=true"]])
 def test_commands_that_compute_nothing_do_not_import_jax(argv):
   done = _no_jax(f"from knots_jax.cli import main\nmain.run({argv!r})")

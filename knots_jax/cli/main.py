@@ -8,6 +8,7 @@
   knots-jax merge --config configs/merge.py --config.adapters=a/,b/ --config.output=out/
   knots-jax merge --help        # every option, with its default
   knots-jax methods             # the merging methods and their papers
+  knots-jax presets             # the papers' settings: --config configs/merge.py:<preset>
 
 The config file is an ml_collections config (`get_config(arg)` returning a
 ConfigDict); `--config.<option>=<value>` overrides one option.
@@ -214,9 +215,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _error_line(e: BaseException) -> str:
+  """One line: the message, and for an OSError its file(s) unless the message names them
+  (or the directory they are in), without Python's `[Errno N]` prefix."""
   text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-  if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-    text = f"{e.filename}: {text}"
+  if isinstance(e, OSError):
+    text = e.strerror or text
+    names = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    if names and not any(n in text or (os.path.dirname(n) and os.path.dirname(n) in text)
+                         for n in names):
+      text = f"{' -> '.join(names)}: {text}"
   return " ".join(str(text).split())
 
 
@@ -251,12 +258,16 @@ def _dispatch(argv: list[str]) -> int:
   if command == "methods":
     print(methods_table())
     return 0
+  if command == "presets":
+    from knots_jax.methods import presets
+    print(presets.presets_table())
+    return 0
   if command in ("benchmark", "evaluate"):
     return run_evaluation_command(command, rest)
   if command == "merge":
     return run_merge_command(rest)
-  print(f"knots-jax: unknown command `{command}`; commands: benchmark, evaluate, merge, methods",
-        file=sys.stderr)
+  print(f"knots-jax: unknown command `{command}`; commands: benchmark, evaluate, merge, "
+        "methods, presets", file=sys.stderr)
   return 2
 
 

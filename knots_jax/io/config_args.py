@@ -61,9 +61,18 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, *,
   return config
 
 
-def parse_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies `key=value,key=value` from a merge config's argument (`configs/x.py:key=value`)."""
-  return apply_arg(config, arg, source="config argument")
+def parse_preset(config: ml_collections.ConfigDict, arg: str | None,
+                 presets: Mapping[str, Mapping[str, object]] | None = None
+                 ) -> ml_collections.ConfigDict:
+  """Applies a merge config's argument (`configs/x.py:<preset>,key=value`): the named
+  presets' options (`methods.presets`, {name: {option: value}}) in order, then `key=value`."""
+  def setter(options):
+    def apply(c):
+      for k, v in options.items():
+        c[k] = float(v) if isinstance(c[k], float) and not isinstance(v, bool) else v
+    return apply
+  table = {name: setter(options) for name, options in (presets or {}).items()}
+  return apply_arg(config, arg, presets=table, source="config argument")
 
 
 def split_list(value: str) -> list[str]:
