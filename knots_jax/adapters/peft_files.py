@@ -200,7 +200,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 def _raw_safetensors(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
   """Tensors whose dtype NumPy cannot name (bf16, fp8), read from the raw bytes."""
-  import ml_dtypes   # here, not at the top: its import takes ~1 s, and a dry run needs none
+  if not keys:
+    return {}
+  import ml_dtypes   # here, not at the top: its import takes ~1 s, and float32 files need none
   with open(path, "rb") as fh:
     size = int.from_bytes(fh.read(8), "little")
     header = json.loads(fh.read(size))
