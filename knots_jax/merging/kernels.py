@@ -255,17 +255,22 @@ _sftm_dense_stack = per_stack(svd_family.sftm_dense, static_argnames=("eta", "ga
 
 
 def _warn_singular(deficient, modules=None) -> None:
+  """Warns for the modules whose SFTM system is singular at the compute precision: the
+  Gram matrix of the features u_q v_q^T has rank < N (e.g. two identical tasks), not
+  merely a wide spread of singular values (`svd_family._sftm_solve`)."""
   bad = np.flatnonzero(np.asarray(deficient))
   if bad.size:
     names = [modules[i] for i in bad] if modules is not None else bad.tolist()
     warnings.warn(f"SFTM: the system (Sigma o U o V) alpha = sigma is singular for "
-                  f"{len(bad)} module(s) {names[:5]}; used the least-squares "
-                  f"minimum-norm solution", RuntimeWarning, stacklevel=3)
+                  f"{len(bad)} module(s) {names[:5]} (some tasks' singular features are "
+                  f"linearly dependent, e.g. duplicate tasks); used the least-squares "
+                  f"solution", RuntimeWarning, stacklevel=3)
 
 
 def sftm_stack(b, a, gamma: float = 1.0, rtol: float = svd_family.DEFAULT_RTOL, modules=None):
   """SFTM over a stack b [L, n, out, r], a [L, n, r, in]; warns where the system is singular.
 
+  Components are kept per task (sigma > rtol * that task's largest).
   Returns (b_m [L, out, n m], a_m [L, n m, in], alpha [L, n, m]).
   """
   b, a = jnp.asarray(b), jnp.asarray(a)
@@ -356,3 +361,22 @@ MATRIX_KERNELS: Mapping[str, MatrixKernel] = {
     "core_iso_cts": lambda x, rank, c: iso_cts_dense_stack(
         x, common_fraction=c.common_fraction, scaling=c.scaling),
 }
+
+
+# ------------------------------------------------- checks of a merged stack
+
+
+@jax.jit
+def factored_summary(b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Of a merged LoRA stack b [L, out, k], a [L, k, in], in one program: per module, whether
+  the bound k max|b| max|a| of every entry of b @ a is finite [L]; and the components that
+  are non-zero in some module [k] (the rank of the exact PEFT export)."""
+  bound = b.shape[-1] * jnp.max(jnp.abs(b), axis=(1, 2)) * jnp.max(jnp.abs(a), axis=(1, 2))
+  used = jnp.any(b != 0, axis=(0, 1)) & jnp.any(a != 0, axis=(0, 2))
+  return jnp.isfinite(bound), used
+
+
+@jax.jit
+def dense_finite(delta: jax.Array) -> jax.Array:
+  """Per module of a dense stack [L, out, in]: every entry finite [L]."""
+  return jnp.all(jnp.isfinite(delta), axis=(1, 2))

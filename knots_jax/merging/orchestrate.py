@@ -143,8 +143,8 @@ def _merge_linear(factors: Sequence[FactorStack], config: MergeConfig, dt):
     coef = np.broadcast_to(config.task_scaling(n), (n,)) / (n if config.spec.combine == "mean"
                                                              else 1)
     b = jnp.asarray(np.transpose(f.b, (0, 2, 1, 3)).reshape(L, o, n * r), dt)
-    a = jnp.asarray(np.repeat(coef, r)[None, :, None], dt) * jnp.asarray(
-        f.a.reshape(L, n * r, -1), dt)
+    a = jnp.asarray(np.repeat(coef, r)[None, :, None] * np.asarray(f.a).reshape(L, n * r, -1),
+                    dt)   # scaled on the host: no program to compile
     out.append(MergedStack(f.modules, b=b, a=a))
   return out
 
@@ -196,9 +196,8 @@ def _finite_modules(s: MergedStack) -> np.ndarray:
   """[L] booleans: the module's update is finite. A factored update `b @ a` is never formed:
   its entries are bounded by k max|b| max|a|, which must stay finite in the result's dtype."""
   if s.delta is not None:
-    return sharding.to_host(jnp.all(jnp.isfinite(s.delta), axis=(1, 2)))
-  bound = s.b.shape[-1] * jnp.max(jnp.abs(s.b), axis=(1, 2)) * jnp.max(jnp.abs(s.a), axis=(1, 2))
-  return sharding.to_host(jnp.isfinite(bound))
+    return sharding.to_host(kernels.dense_finite(s.delta))
+  return sharding.to_host(kernels.factored_summary(s.b, s.a)[0])
 
 
 def _check_finite(out: Sequence[MergedStack], method: str) -> None:

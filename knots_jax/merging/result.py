@@ -12,9 +12,9 @@ import dataclasses
 from typing import Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from knots_jax.merging import kernels
 from knots_jax.methods.options import MergeConfig
 
 KNOTS_CONFIG = "knots_config.json"   # written beside every output: how it was made
@@ -35,8 +35,7 @@ class MergedStack:
   def used_components(self) -> np.ndarray:
     """[k] booleans of a factored stack: the components that are non-zero in some module
     (the padding of smaller ranks and KnOTS components under `tol` are not)."""
-    used = jnp.any(self.b != 0, axis=(0, 1)) & jnp.any(self.a != 0, axis=(0, 2))
-    return np.asarray(used)
+    return np.asarray(kernels.factored_summary(self.b, self.a)[1])
 
 
 @dataclasses.dataclass(frozen=True)
