@@ -218,6 +218,7 @@ def _raw_safetensors(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Every tensor of a safetensors file as NumPy, in its stored dtype (bf16 via ml_dtypes)."""
+  open(path, "rb").close()   # the real OSError (safetensors says "No such file" for EACCES)
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       out, raw = {}, []

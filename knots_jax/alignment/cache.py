@@ -12,9 +12,12 @@ checkpoint directory:
                         and `transposed` of every stack, and per adapter its
                         path, name and adapter_config (PEFT config)
 
-Orbax writes into a temporary directory and renames it when complete (and
-marks it with commit_success.txt on file systems without atomic rename), so an
-interrupted save leaves no half-written checkpoint.
+The whole directory is written atomically (`output_dir.atomic_output_dir`):
+Orbax writes its checkpoint inside a temporary sibling `<directory>.tmp-…`,
+which is renamed to `<directory>` only once complete. A save that fails (a
+full or read-only disk: one OSError naming the directory and the OS error) or
+is killed leaves no `<directory>`, so a later run never reads a half cache; the
+next save to it removes a killed run's leftovers.
 
 The factors themselves are stored (scale folded into `b`, as in `FactorStack`),
 so a restore needs no adapter files: the `AdapterSet` is rebuilt from them
@@ -60,6 +63,7 @@ from knots_jax.parallel import sharding
 
 FORMAT = "knots_jax.alignment"
 VERSION = 1
+_INNER = "checkpoint"   # where save_alignment has Orbax write, inside the temporary directory
 
 
 class NotAnAlignmentCheckpoint(ValueError):
@@ -74,13 +78,17 @@ def save_alignment(alignment: Alignment, directory: str, *, overwrite: bool = Fa
   """Writes `alignment` (from `align`) to `directory` with Orbax; returns its absolute path.
 
   Raises ValueError for an alignment without decomposition (`factor_alignment`),
-  or if `directory` exists and not `overwrite`.
+  or if `directory` exists and not `overwrite`; `overwrite` replaces only a
+  directory knots_jax wrote (`output_dir.atomic_output_dir`: an alignment
+  saved by a version before manifests is refused; delete it by hand). The
+  directory appears only once complete; an OS failure (full disk, read-only
+  parent) is one OSError naming it and the OS error, and leaves nothing.
   """
   if not alignment.aligned:
     raise ValueError("the alignment has no decomposition (from factor_alignment?); "
                      "save the result of knots_jax.align")
   directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory) and not overwrite:
+  if os.path.lexists(directory) and not overwrite:
     raise ValueError(f"`{directory}` already exists; pass overwrite=True to replace it")
   aligned, factors = [], []
   for s in alignment.aligned:
@@ -104,10 +112,18 @@ def save_alignment(alignment: Alignment, directory: str, *, overwrite: bool = Fa
                     "extra": keys} for ad, keys in zip(ads, extra_keys)],
       "digest": content_digest(alignment.adapters),
   }
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    ckpt.save(directory, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                            meta=ocp.args.JsonSave(meta)),
-              force=overwrite)
+  with output_dir.shared_atomic_output_dir(directory, overwrite) as tmp, \
+       output_dir.quiet_async_failures(tmp):   # a failed write: one OSError, no log storm
+    # Orbax writes `<dir>.orbax-checkpoint-tmp` beside the directory it is given and
+    # renames it: given a directory inside `tmp`, all of it stays inside `tmp`.
+    inner = os.path.join(tmp, _INNER)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      ckpt.save(inner, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                          meta=ocp.args.JsonSave(meta)))
+    if jax.process_index() == 0:   # the checkpoint's entries up into `tmp`: the cache's layout
+      for entry in os.listdir(inner):
+        os.rename(os.path.join(inner, entry), os.path.join(tmp, entry))
+      os.rmdir(inner)
   return directory
 
 

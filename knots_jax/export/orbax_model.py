@@ -35,9 +35,7 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
 
 import jax
 import numpy as np
@@ -67,44 +65,6 @@ def _manager(directory: str, async_write: bool = True) -> ocp.CheckpointManager:
                                item_handlers={ITEM: ocp.StandardCheckpointHandler()})
 
 
-def _broadcast_path(path: str | None) -> str:
-  """Process 0's `path` on every process (the temporary directory's random name)."""
-  from jax.experimental import multihost_utils
-  buffer = np.zeros(4096, np.uint8)
-  if jax.process_index() == 0:
-    raw = np.frombuffer(path.encode(), np.uint8)
-    if raw.size > buffer.size:
-      raise ValueError(f"output path too long to share between processes: {path}")
-    buffer[:raw.size] = raw
-  buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  return bytes(buffer[buffer != 0]).decode()
-
-
-@contextlib.contextmanager
-def _shared_atomic_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
-  """`output_dir.atomic_output_dir` made by process 0, with its name given to every process.
-
-  Every process writes its own shards into the same temporary directory
-  (which must therefore be on a file system all processes see); process 0
-  renames it once every process has finished.
-  """
-  if jax.process_count() == 1:
-    with output_dir.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-      yield tmp
-    return
-  from jax.experimental import multihost_utils
-  if jax.process_index() == 0:
-    with output_dir.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-      _broadcast_path(tmp)
-      yield tmp
-      multihost_utils.sync_global_devices("knots_jax merged model written")
-  else:
-    tmp = _broadcast_path(None)
-    yield tmp
-    multihost_utils.sync_global_devices("knots_jax merged model written")
-  multihost_utils.sync_global_devices("knots_jax merged model renamed")
-
-
 def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *,
                             mesh: Mesh | None = None, step: int = 0, overwrite: bool = False,
                             async_write: bool = True, progress: bool = False) -> dict:
@@ -121,9 +81,13 @@ def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *
     overwrite: replace an existing `out_dir` (only once the new one is complete).
     async_write: Orbax's asynchronous save (the host files are written in the
       background while the configs are copied); False writes synchronously.
-    progress: a progress bar over the tensors computed (per host).
+    progress: a progress bar over the merged tensors computed, in bytes (per host).
 
-  Returns {"path", "step", "tensors", "merged", "total_size"}.
+  Returns {"path", "step", "tensors", "merged", "total_size"}. A write that fails
+  on a full, read-only or otherwise failing disk raises one OSError naming
+  `out_dir` and the OS error (`output_dir.atomic_output_dir`); Orbax's logs of
+  that failure are not shown (`output_dir.quiet_async_failures`), and nothing
+  is left of `out_dir`.
   """
   if not result.stacks:
     raise ValueError("the merge result has no modules; nothing to write")
@@ -135,17 +99,22 @@ def save_merged_model_orbax(result: MergeResult, model_dir: str, out_dir: str, *
   output_dir.check_output_dir(out_dir, overwrite)
   full_model.check_fits(result, model_dir, hf_checkpoint.tensor_files(model_dir))
   weights = {}
-  count = len(hf_checkpoint.tensor_files(model_dir))
-  with sharding_lib.progress_bar(desc="merge model", total=count, unit="tensor",
-                             disable=not progress) as bar:
+  # One bar for the model, counted in bytes as full_model's "write model" is: tensors
+  # differ in size by orders of magnitude. Orbax's own write (the disk part) reports
+  # no progress, so the bar ends when the merged model is on the devices.
+  nbytes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            for k, (_, shape, dtype) in hf_checkpoint.header(model_dir).items()}
+  with sharding_lib.progress_bar(desc="merge model", total=sum(nbytes.values()), unit="B",
+                                 unit_scale=True, disable=not progress) as bar:
     for key, value in full_model.merged_model_weights(result, model_dir, mesh):
       weights[key] = value
-      bar.update(1)
+      bar.update(nbytes.get(key, int(value.size) * value.dtype.itemsize))
   merged = full_model.adapted_keys(result)
   total = sum(int(v.size) * v.dtype.itemsize for v in weights.values())
   report = {"path": os.path.abspath(out_dir), "step": int(step), "tensors": len(weights),
             "merged": len(merged & set(weights)), "total_size": total}
-  with _shared_atomic_dir(out_dir, overwrite) as tmp:
+  with output_dir.shared_atomic_output_dir(out_dir, overwrite) as tmp, \
+       output_dir.quiet_async_failures(tmp):   # a failed write: one OSError, no log storm
     with _manager(tmp, async_write) as mngr:
       mngr.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(weights)}))
       if jax.process_index() == 0:   # while Orbax writes in the background

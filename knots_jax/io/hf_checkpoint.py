@@ -23,6 +23,7 @@ INDEX = "model.safetensors.index.json"
 def open_safetensors(path: str) -> Iterator:
   """`safetensors.safe_open(path)`; a corrupt or truncated file raises a ValueError that names
   it (safetensors' own errors do not say which file)."""
+  open(path, "rb").close()   # the real OSError (safetensors says "No such file" for EACCES)
   try:
     handle = safetensors.safe_open(path, framework="numpy")
   except (safetensors.SafetensorError, OSError) as e:

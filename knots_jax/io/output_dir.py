@@ -15,14 +15,23 @@ or the complete new one, never a half-written directory. What it guarantees
   outright (SIGKILL) are removed by the next write to the same place;
 * the final check and swap hold a lock (`<parent>/.<name>.lock`), so
   concurrent writers of one output each either replace it whole or are refused;
-* directories and files get the modes `os.makedirs` / `open()` give (umask).
+* directories and files get the modes `os.makedirs` / `open()` give (umask);
+* a write that fails on the disk (full, read-only) raises one OSError naming
+  the output's final path and the OS error, and leaves nothing; around Orbax
+  writes, `quiet_async_failures` keeps Orbax's own reports of that failure
+  (logs, "Event loop is closed") off stderr and waits for the write to stop.
+
+`shared_atomic_output_dir` is `atomic_output_dir` for writers that every JAX
+process calls (imports JAX only when called).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
+import logging
 import math
 import os
 import re
@@ -31,7 +40,9 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import threading
+import time
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -431,6 +442,56 @@ def _swap_in(tmp: str, path: str) -> str | None:
   return aside
 
 
+# safetensors: "Error while serializing: I/O error: No space left on device (os error 28)";
+# tensorstore (Orbax): "... Failed writing: \"<file>\": ... [os_error_code='28']".
+_SAFETENSORS_ERRNO = re.compile(r"Error while serializing\b.*\(os error (\d+)\)", re.S)
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+
+
+def _inside(filename: str, directory: str) -> bool:
+  return filename == directory or filename.startswith(directory + os.sep)
+
+
+def _output_error(e: Exception, tmp: str, path: str) -> OSError | None:
+  """The OSError to raise for `e`, raised while the temporary `tmp` of output `path` was
+  filled, or None to raise `e` as it is.
+
+  An OSError with an errno about a file in `tmp` (or about no file: `os.pwrite`
+  on a full disk) is reworded to name the file's final place under `path`. A
+  native writer's failure that carries an errno (safetensors' serializer; a
+  tensorstore write into `tmp`, whose message runs over many lines of
+  internal paths) becomes an OSError of that errno naming `path` and the OS
+  error's text. Anything else (a bad value, an error reading the base model)
+  is left alone.
+  """
+  if isinstance(e, OSError):
+    if e.errno is None:
+      return None
+    filename = e.filename if isinstance(e.filename, str) else None
+    if filename is None and e.strerror not in (None, os.strerror(e.errno)):
+      return None                          # worded by its raiser, who named what it meant
+    if filename is not None and not _inside(filename, tmp):
+      return None
+    code, text = e.errno, e.strerror or os.strerror(e.errno)
+  else:
+    message = str(e)
+    match = _SAFETENSORS_ERRNO.search(message)
+    if match is None and tmp in message:
+      match = _TENSORSTORE_ERRNO.search(message)
+    if match is None:
+      return None
+    code, filename = int(match[1]), None
+    text = os.strerror(code)
+  text = text.replace(tmp, path)
+  filename = path if filename is None else filename.replace(tmp, path)
+  if path not in text:
+    what = f"output `{path}`" if filename == path else f"`{filename}`"
+    text = f"cannot write {what}: {text}"
+  error = OSError(code, text)
+  error.filename = filename
+  return error
+
+
 def _forget(*paths: str | None) -> None:
   with _open_paths_lock:
     _open_paths.difference_update(p for p in paths if p)
@@ -449,6 +510,12 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
   directory and the parents this call created are removed and `path` is left
   as it was. Leftovers of killed runs that wrote `path` from this host are
   removed first.
+
+  An OS failure inside the block (a full or read-only disk: an OSError with an
+  errno about a file in the temporary directory or about none, or a native
+  writer's error that carries an errno, as safetensors' and tensorstore's do)
+  is raised as an OSError of that errno whose message names `path` (not the
+  temporary name, which is gone) and the OS error's text: `_output_error`.
   """
   path = os.path.normpath(os.path.abspath(os.fspath(path)))
   _check_target(path, overwrite)
@@ -461,7 +528,13 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
       created += _make_parents(path, parent)
       _remove_stale_siblings(parent, name)
       tmp = _make_temp_dir(path, parent, name, created)
-      yield tmp
+      try:
+        yield tmp
+      except Exception as e:
+        error = _output_error(e, tmp, path)
+        if error is None:
+          raise
+        raise error from e
       _write_manifest(tmp)
       with _output_lock(parent, name):
         _check_target(path, overwrite, locked=True)   # something may have appeared meanwhile
@@ -480,6 +553,203 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
       raise
     finally:
       _forget(tmp, aside)
+
+
+def _broadcast_path(path: str | None) -> str:
+  """Process 0's `path` on every process (a temporary directory's random name)."""
+  import jax
+  from jax.experimental import multihost_utils
+  buffer = np.zeros(4096, np.uint8)
+  if jax.process_index() == 0:
+    raw = np.frombuffer(path.encode(), np.uint8)
+    if raw.size > buffer.size:
+      raise ValueError(f"output path too long to share between processes: {path}")
+    buffer[:raw.size] = raw
+  buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return bytes(buffer[buffer != 0]).decode()
+
+
+@contextlib.contextmanager
+def shared_atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+  """`atomic_output_dir` made by JAX process 0, with its name given to every process.
+
+  For writers that every process of a multi-host run calls (Orbax): each
+  writes into the same temporary directory (which must therefore be on a
+  file system all processes see), and process 0 renames it once every
+  process has finished. On one process this is `atomic_output_dir`. Imports
+  JAX only when called.
+  """
+  import jax
+  if jax.process_count() == 1:
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+      yield tmp
+    return
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+      _broadcast_path(tmp)
+      yield tmp
+      multihost_utils.sync_global_devices("knots_jax output written")
+  else:
+    tmp = _broadcast_path(None)
+    yield tmp
+    multihost_utils.sync_global_devices("knots_jax output written")
+  multihost_utils.sync_global_devices("knots_jax output renamed")
+
+
+# ---------------------------------------------------------------- native asynchronous writers
+#
+# Orbax writes through tensorstore from an asyncio loop that it closes as soon
+# as the first write fails. The writes still pending then fail too, and each of
+# their completions reports, on stderr: an unraisable `RuntimeError: Event loop
+# is closed` (tensorstore calls `loop.call_soon_threadsafe` on the closed loop,
+# PyErr_WriteUnraisable), `asyncio`'s "Task exception was never retrieved" and
+# Orbax's own `absl` ERROR records, each with the whole failure again: dozens of
+# tracebacks over the one exception that says what went wrong.
+
+_LOGGERS = ("absl", "asyncio")
+
+
+def _record_text(record: logging.LogRecord) -> str:
+  try:
+    text = record.getMessage()
+  except Exception:  # noqa: BLE001 - a malformed record is shown as it is
+    text = str(record.msg)
+  if record.exc_info and record.exc_info[1] is not None:
+    text += "\n" + str(record.exc_info[1])
+  return text
+
+
+class _AsyncFailureLogs(logging.Filter):
+  """ERROR records of the `absl` and `asyncio` loggers: held while a `quiet_async_failures`
+  block is open, dropped when they are about a write that failed."""
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.lock = threading.Lock()
+    self.open: list[list[logging.LogRecord]] = []   # the records each open block holds
+    self.failed: set[str] = set()                   # directories whose write failed
+
+  def about_failed(self, record: logging.LogRecord) -> bool:
+    text = _record_text(record)
+    return any(directory in text for directory in self.failed)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    with self.lock:
+      if self.failed and self.about_failed(record):
+        return False
+      for held in self.open:
+        held.append(record)
+      return not self.open
+
+
+_async_logs = _AsyncFailureLogs()
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+  """sys.unraisablehook without tensorstore's late `RuntimeError: Event loop is closed`."""
+  exc = unraisable.exc_value
+  if (unraisable.object is None and isinstance(exc, RuntimeError)
+      and str(exc) == "Event loop is closed"):
+    return
+  _quiet_unraisable.previous(unraisable)
+
+
+_quiet_unraisable.previous = sys.__unraisablehook__
+
+
+_SETTLE_S = 10.0   # the longest a failed write's threads, then its files, are waited for
+_SETTLE_TICK_S = 0.05
+
+
+def _tree_state(directory: str) -> frozenset:
+  """(path, size, mtime) of everything under `directory` (empty if it is gone)."""
+  state = []
+  for root, dirs, files in os.walk(directory):
+    for entry in dirs + files:
+      with contextlib.suppress(OSError):
+        info = os.lstat(os.path.join(root, entry))
+        state.append((os.path.join(root, entry), info.st_size, info.st_mtime_ns))
+  return frozenset(state)
+
+
+def _settle(directory: str, before: set) -> None:
+  """Waits for a failed write to stop: its threads (those not in `before`) to end, then the
+  tree under `directory` to stay the same for two ticks; then collects its garbage, so that
+  asyncio reports its tasks' unretrieved exceptions now (held back), not later."""
+  deadline = time.monotonic() + _SETTLE_S
+  for thread in set(threading.enumerate()) - before:
+    if thread is not threading.current_thread():
+      thread.join(max(0.0, deadline - time.monotonic()))
+  deadline = time.monotonic() + _SETTLE_S
+  state, still = _tree_state(directory), 0
+  while still < 2 and time.monotonic() < deadline:
+    time.sleep(_SETTLE_TICK_S)
+    state, previous = _tree_state(directory), state
+    still = still + 1 if state == previous else 0
+  gc.collect()
+
+
+@contextlib.contextmanager
+def quiet_async_failures(directory: str) -> Iterator[None]:
+  """Around a native asynchronous write into `directory` (Orbax): if it fails, the one
+  exception it raises is all that is reported, and the write has stopped when it propagates.
+
+  Orbax returns from a failed save while other parts of it still run: its
+  threads for the other items, and tensorstore's pending writes, which create
+  files (and directories) in `directory` after the exception. Before the
+  exception leaves the block, the Python threads started in it are joined and
+  the file tree under `directory` is waited on until it stops changing (at
+  most `_SETTLE_S` seconds each), so that the caller's cleanup removes it for
+  good (`atomic_output_dir`).
+
+  While the block is open, ERROR records of the `absl` and `asyncio` loggers
+  are held back; they are passed on when it succeeds and dropped when it
+  raises, and so are those that come later and name `directory`. While it is
+  open, and for good once it has failed, `sys.unraisablehook` ignores
+  `RuntimeError: Event loop is closed` reported without an object (the
+  completions of the writes that were still pending when Orbax closed its
+  loop, some of them after the exception; nothing else reports that error
+  so), passing every other unraisable exception on to the hook it replaced.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  before = set(threading.enumerate())
+  held: list[logging.LogRecord] = []
+  with _async_logs.lock:
+    for name in _LOGGERS:
+      logger = logging.getLogger(name)
+      if _async_logs not in logger.filters:
+        logger.addFilter(_async_logs)
+    _async_logs.open.append(held)
+    installed = sys.unraisablehook is not _quiet_unraisable
+    if installed:
+      _quiet_unraisable.previous = sys.unraisablehook
+      sys.unraisablehook = _quiet_unraisable
+  failed = False
+  try:
+    yield
+  except BaseException:
+    failed = True
+    with _async_logs.lock:
+      _async_logs.failed.add(directory)
+    _settle(directory, before)
+    raise
+  finally:
+    with _async_logs.lock:
+      _async_logs.open.remove(held)
+      if installed and not failed and sys.unraisablehook is _quiet_unraisable:
+        sys.unraisablehook = _quiet_unraisable.previous
+      replay = [] if failed or _async_logs.open else [
+          r for r in held if not _async_logs.about_failed(r)]
+    for record in replay:   # past the filter: a logger's handlers, then its parents'
+      logger = logging.getLogger(record.name)
+      while logger is not None:
+        for handler in logger.handlers:
+          if record.levelno >= handler.level:
+            handler.handle(record)
+        logger = logger.parent if logger.propagate else None
 
 
 # ---------------------------------------------------------------- files

@@ -161,3 +161,77 @@ def test_restoring_raises_no_orbax_warnings(adapters, tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     cache_lib.restore_alignment(tmp_path / "ck")
   assert "could not be restored" not in caplog.text, caplog.text
+
+
+def _entries(directory) -> list[str]:
+  return sorted(os.listdir(directory))
+
+
+def test_the_cache_is_written_atomically(adapters, tmp_path, monkeypatch):
+  """A save that fails after Orbax wrote everything, or a process killed there, leaves no
+  cache directory: a later run computes the alignment instead of reading half a cache."""
+  import errno
+  import signal
+  import subprocess
+  import sys
+  alignment = knots_jax.align(adapters)
+  saved = cache_lib.ocp.Checkpointer.save
+
+  def save_then_fail(self, *args, **kwargs):
+    saved(self, *args, **kwargs)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(cache_lib.ocp.Checkpointer, "save", save_then_fail)
+  with pytest.raises(OSError, match=f"cannot write output `{tmp_path / 'ck'}`: No space left"):
+    cache_lib.save_alignment(alignment, tmp_path / "ck")
+  assert _entries(tmp_path) == []
+  monkeypatch.undo()
+
+  # SIGKILL once the checkpoint is complete but not yet renamed into place
+  script = f"""
+import json, os, sys, time
+sys.path.insert(0, {os.path.abspath(REPO)!r})
+os.environ["JAX_PLATFORMS"] = "cpu"
+import knots_jax
+from knots_jax.alignment import cache
+from knots_jax.io import output_dir
+from tests import synthetic
+alignment = knots_jax.align(synthetic.adapter_set(ranks=(2, 3, 4), seed=3))
+def stop(tmp):
+  print(json.dumps(sorted(os.listdir(tmp))), flush=True)
+  time.sleep(600)
+output_dir._write_manifest = stop
+cache.save_alignment(alignment, {str(tmp_path / "ck")!r})
+"""
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+  try:
+    assert json.loads(proc.stdout.readline()) == [
+        "_CHECKPOINT_METADATA", "arrays", "commit_success.txt", "meta"]
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  left = _entries(tmp_path)
+  assert len(left) == 1 and left[0].startswith("ck.tmp-")    # no `ck`: nothing to read
+  with pytest.raises(cache_lib.NotAnAlignmentCheckpoint):
+    cache_lib.restore_alignment(tmp_path / "ck")
+  cache_lib.save_alignment(alignment, tmp_path / "ck")           # and removes the leftover
+  assert _entries(tmp_path) == ["ck"]
+  assert _entries(tmp_path / "ck") == [".knots_jax_output.json", "_CHECKPOINT_METADATA",
+                                       "arrays", "commit_success.txt", "meta"]
+  _assert_same(knots_jax.merge(alignment, "knots_ties", top_k=20),
+               knots_jax.merge(cache_lib.restore_alignment(tmp_path / "ck"), "knots_ties",
+                               top_k=20))
+
+
+def test_overwrite_replaces_only_a_cache_knots_jax_wrote(adapters, tmp_path):
+  alignment = knots_jax.align(adapters)
+  cache_lib.save_alignment(alignment, tmp_path / "ck")
+  cache_lib.save_alignment(knots_jax.align(adapters, concat="rows"), tmp_path / "ck",
+                           overwrite=True)
+  assert cache_lib.read_meta(tmp_path / "ck")["settings"]["concat"] == "rows"
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(ValueError, match="no .knots_jax_output.json"):
+    cache_lib.save_alignment(alignment, tmp_path / "mine", overwrite=True)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+  assert _entries(tmp_path) == ["ck", "mine"]

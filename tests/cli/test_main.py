@@ -1,6 +1,7 @@
 """`knots-jax` end to end: the embedded demo, overrides, help, and refusals."""
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -270,3 +271,207 @@ def test_a_corrupt_base_model_is_one_line_naming_the_file(capsys, tmp_path):
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and str(weights) in err, err
   assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------- failures of the file system (#7 item 9)
+#
+# Each: exit code 2, one line `knots-jax: error: ...` naming the path and the problem, no
+# traceback (nor Orbax's "Event loop is closed"), and nothing left beside the output.
+
+RUN = "import sys; from knots_jax.cli import main; sys.exit(main.run(sys.argv[1:]))"
+# Real failed writes through Orbax: files may not grow past LIMIT bytes from the moment the
+# named writer starts (RLIMIT_FSIZE; the write gets EFBIG, "File too large").
+LIMITED = """
+import importlib, resource, signal, sys
+module, name = sys.argv[1].rsplit(".", 1)
+limit = 4096
+module = importlib.import_module(module)
+original = getattr(module, name)
+def limited(*args, **kwargs):
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  return original(*args, **kwargs)
+setattr(module, name, limited)
+del sys.argv[1]
+"""
+
+
+def _demo_argv(tmp_path, *more) -> list[str]:
+  return ["merge", "--config", DEMO_CONFIG, "--config.progress=false",
+          f"--config.output={tmp_path / 'out'}", *more]
+
+
+def _assert_one_error_line(code: int, err: str, *named: str) -> None:
+  assert code == 2, err
+  assert "Traceback" not in err and "Event loop is closed" not in err, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("knots-jax: error: "), err
+  for text in named:
+    assert text in lines[0], err
+
+
+def _run_cli(argv, prefix=(), setup="") -> tuple[int, str]:
+  """The command line in a fresh process (`prefix` before Python: setpriv)."""
+  proc = subprocess.run([*prefix, sys.executable, "-c", setup + RUN, *argv], capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+  return proc.returncode, proc.stderr
+
+
+def _unprivileged() -> list[str] | None:
+  """A command prefix under which permissions bite ([] unless root; None: none available)."""
+  if os.geteuid() != 0:
+    return []
+  setpriv = shutil.which("setpriv")
+  return None if setpriv is None else [
+      setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+@pytest.mark.parametrize("option", ["output", "alignment_cache"])
+def test_an_output_parent_that_is_a_file_is_one_line(option, tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  target = tmp_path / "file" / "deeper" / option
+  code = main.run(_demo_argv(tmp_path, f"--config.{option}={target}"))
+  _assert_one_error_line(code, capsys.readouterr().err, f"cannot write output `{target}`",
+                         f"`{tmp_path / 'file'}` is a file, not a directory")
+  assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("option", ["output", "alignment_cache"])
+def test_a_read_only_output_parent_is_one_line(option, tmp_path, capsys, monkeypatch):
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  target = read_only / option
+  argv = _demo_argv(tmp_path, f"--config.{option}={target}")
+  prefix = _unprivileged()
+  os.chmod(read_only, 0o555)
+  try:
+    if prefix:                                   # root: a process without CAP_DAC_OVERRIDE
+      code, err = _run_cli(argv, prefix)
+    else:
+      if prefix is None:                         # root without setpriv: the refusal simulated
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+          if os.path.dirname(os.path.abspath(path)) == str(read_only):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+          return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+      code, err = main.run(argv), capsys.readouterr().err
+  finally:
+    os.chmod(read_only, 0o755)
+  _assert_one_error_line(code, err, f"cannot write output `{target}`",
+                         f"in `{read_only}` (Permission denied)")
+  assert os.listdir(read_only) == [] and os.listdir(tmp_path) == ["read_only"]
+
+
+def _no_space():
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_naming_what_was_written(tmp_path, capsys, monkeypatch):
+  """ENOSPC from the lowest write of each safetensors writer: the Rust serializer of the PEFT
+  adapter (as safetensors words it), and os.pwrite / os.copy_file_range of the full model
+  (after its first 4 KiB)."""
+  import safetensors
+  import safetensors.numpy
+
+  def serialize_file(*args, **kwargs):
+    raise safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(safetensors.numpy, "serialize_file", serialize_file)
+    code = main.run(_demo_argv(tmp_path))
+  _assert_one_error_line(code, capsys.readouterr().err,
+                         f"cannot write output `{tmp_path / 'out' / 'adapter'}`: "
+                         "No space left on device")
+  assert os.listdir(tmp_path) == []
+
+  room = {"bytes": 4096}
+  real_pwrite = os.pwrite
+
+  def pwrite(fd, data, offset):
+    room["bytes"] -= len(data)
+    if room["bytes"] < 0:
+      raise _no_space()
+    return real_pwrite(fd, data, offset)
+
+  def copy_file_range(*args):
+    raise _no_space()
+
+  with monkeypatch.context() as patch:
+    patch.setattr(os, "pwrite", pwrite)
+    patch.setattr(os, "copy_file_range", copy_file_range, raising=False)
+    code = main.run(_demo_argv(tmp_path, "--config.full_model=true"))
+  _assert_one_error_line(code, capsys.readouterr().err,
+                         f"cannot write output `{tmp_path / 'out' / 'merged_model'}`: "
+                         "No space left on device")
+  assert room["bytes"] < 0 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer,option,written", [
+    ("knots_jax.export.orbax_model.save_merged_model_orbax",
+     ["--config.full_model=true", "--config.full_model_format=orbax"],
+     "out/merged_model_orbax"),
+    ("knots_jax.alignment.cache.save_alignment", ["--config.alignment_cache={cache}"], "cache"),
+])
+def test_a_failed_orbax_write_is_one_line_without_orbax_logs(writer, option, written, tmp_path):
+  """A real failed write through Orbax's asynchronous machinery (file size limit: EFBIG). Orbax
+  itself would print dozens of tracebacks and `Event loop is closed` over the real message."""
+  argv = _demo_argv(tmp_path, *(o.format(cache=tmp_path / "cache") for o in option))
+  code, err = _run_cli([writer] + argv, setup=LIMITED)
+  _assert_one_error_line(code, err, f"cannot write output `{tmp_path / written}`: "
+                                    f"{os.strerror(errno.EFBIG)}")
+  assert os.listdir(tmp_path) == []
+
+
+def test_an_unreadable_adapter_file_is_one_line(tmp_path):
+  prefix = _unprivileged()
+  if prefix is None:
+    pytest.skip("running as root without setpriv: files cannot be made unreadable")
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  adapter = tmp_path / "adapter"
+  shutil.copytree(demo.adapters.split(",")[0], adapter)
+  os.chmod(tmp_path, 0o755)
+  argv = _demo_argv(tmp_path, f"--config.adapters={adapter},{demo.adapters.split(',')[1]}")
+  for name in ("adapter_config.json", "adapter_model.safetensors"):
+    os.chmod(adapter / name, 0)
+    try:
+      code, err = _run_cli(argv, prefix)
+    finally:
+      os.chmod(adapter / name, 0o644)
+    _assert_one_error_line(code, err, str(adapter / name))
+    if name == "adapter_config.json":
+      assert "Permission denied" in err
+  assert os.listdir(tmp_path) == ["adapter"]
+
+
+def test_an_unreadable_adapter_weights_file_says_permission_denied(tmp_path):
+  prefix = _unprivileged()
+  if prefix is None:
+    pytest.skip("running as root without setpriv: files cannot be made unreadable")
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  adapter = tmp_path / "adapter"
+  shutil.copytree(demo.adapters.split(",")[0], adapter)
+  os.chmod(adapter / "adapter_model.safetensors", 0)
+  argv = _demo_argv(tmp_path, f"--config.adapters={adapter}", "--config.dry_run=true")
+  code, err = _run_cli(argv, prefix)
+  os.chmod(adapter / "adapter_model.safetensors", 0o644)
+  assert code == 2 and "Permission denied" in err, err
+
+
+@pytest.mark.parametrize("writer", [
+    [], ["--config.full_model=true"],
+    ["--config.full_model=true", "--config.full_model_format=orbax"]])
+@pytest.mark.parametrize("damage", ["header", "data"])
+def test_a_corrupt_base_model_is_one_line_for_every_writer(writer, damage, capsys, tmp_path):
+  demo = main.load_config(["--config", DEMO_CONFIG])
+  base = tmp_path / "base"
+  shutil.copytree(demo.base_model, base)
+  weights = base / "model.safetensors"
+  raw = weights.read_bytes()
+  weights.write_bytes(raw[:100] if damage == "header" else raw[:-1000])
+  code = main.run(_demo_argv(tmp_path, f"--config.base_model={base}", *writer))
+  _assert_one_error_line(code, capsys.readouterr().err, str(weights))
+  assert os.listdir(tmp_path) == ["base"]

@@ -6,6 +6,7 @@ by its path (it needs only NumPy), so each starts in a fraction of a second.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -338,3 +339,105 @@ for out in ({str(read_only / "out")!r}, {str(read_only / "a" / "out")!r}):
     assert "read_only" in message and "choose a writable location" in message
   assert os.listdir(read_only) == []
   os.chmod(read_only, 0o755)
+
+
+# ---------------------------------------------------- OS failures inside the block (#7 item 9)
+
+
+def _raised_in_block(path, error, nested: str | None = None):
+  """What `atomic_output_dir(path)` raises when `error(tmp)` is raised inside it (inside a
+  second atomic directory `nested` under it, when given)."""
+  with pytest.raises(BaseException) as info:
+    with output_dir.atomic_output_dir(str(path)) as tmp:
+      open(os.path.join(tmp, "half"), "w").write("x")
+      if nested is None:
+        raise error(tmp)
+      with output_dir.atomic_output_dir(os.path.join(tmp, nested)) as inner:
+        raise error(inner)
+  return info.value
+
+
+def test_os_errors_inside_the_block_name_the_output_and_the_os_error(tmp_path):
+  out = tmp_path / "out"
+  full = lambda tmp: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # os.pwrite: no file
+  e = _raised_in_block(out, full)
+  assert type(e) is OSError and e.errno == errno.ENOSPC and e.filename == str(out)
+  assert e.strerror == f"cannot write output `{out}`: No space left on device"
+  # a file in the temporary directory is named where it would have been
+  denied = lambda tmp: PermissionError(errno.EACCES, "Permission denied",
+                                       os.path.join(tmp, "sub", "a.bin"))
+  e = _raised_in_block(out, denied)
+  assert isinstance(e, PermissionError) and e.filename == str(out / "sub" / "a.bin")
+  assert e.strerror == f"cannot write `{out / 'sub' / 'a.bin'}`: Permission denied"
+  # nested outputs (the adapter inside --config.output) name the final nested path
+  e = _raised_in_block(out, full, nested="adapter")
+  assert e.strerror == f"cannot write output `{out / 'adapter'}`: No space left on device"
+  # native writers: safetensors' serializer and tensorstore (Orbax) carry the errno in text
+  safetensors_error = lambda tmp: RuntimeError(
+      "Error while serializing: I/O error: No space left on device (os error 28)")
+  tensorstore_error = lambda tmp: ValueError(
+      f'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{tmp}/0.'
+      f'orbax-checkpoint-tmp/": Failed writing: "{tmp}/d/5855": Failed to write 113933 bytes '
+      "to file 14: No space left on device [os_error_code='28']")
+  for native in (safetensors_error, tensorstore_error):
+    e = _raised_in_block(out, native, nested="merged_model_orbax")
+    assert type(e) is OSError and e.errno == errno.ENOSPC
+    assert str(e.strerror) == (f"cannot write output `{out / 'merged_model_orbax'}`: "
+                               "No space left on device")
+    assert "tmp-" not in str(e) and "orbax-checkpoint" not in str(e)
+  assert os.listdir(tmp_path) == []
+
+
+def test_other_errors_inside_the_block_are_raised_as_they_are(tmp_path):
+  base = tmp_path / "base.safetensors"
+  errors = [OSError("disk full"),                                       # no errno: worded
+            ValueError("a bad value"),
+            PermissionError(errno.EACCES, "Permission denied", str(base)),   # a read elsewhere
+            NotADirectoryError(errno.ENOTDIR, f"cannot write output `{tmp_path}/c`: a file"),
+            RuntimeError("Error while deserializing header: HeaderTooLarge (os error 5)")]
+  for error in errors:
+    assert _raised_in_block(tmp_path / "out", lambda tmp: error) is error
+  assert os.listdir(tmp_path) == []
+
+
+def test_quiet_async_failures_waits_for_the_write_and_reports_only_its_exception(tmp_path,
+                                                                              caplog):
+  """What Orbax does on a failed save: an exception while its threads still write files and
+  log, and late `Event loop is closed` unraisables. Only the exception comes out, once the
+  writes have stopped; on success the held log records are passed on."""
+  import logging
+  directory = tmp_path / "ckpt"
+  directory.mkdir()
+  seen = []
+  previous_hook = sys.unraisablehook
+
+  def late_writer():
+    import time
+    for i in range(5):
+      time.sleep(0.05)
+      (directory / f"late{i}").write_text("x")
+    logging.getLogger("absl").error("save failed in %s", directory)
+    sys.unraisablehook(type("U", (), {"exc_type": RuntimeError, "object": None, "err_msg": None,
+                                     "exc_value": RuntimeError("Event loop is closed"),
+                                     "exc_traceback": None})())
+
+  sys.unraisablehook = lambda u: seen.append(u.exc_value)
+  try:
+    with caplog.at_level(logging.ERROR):
+      with pytest.raises(OSError, match="boom"):
+        with output_dir.quiet_async_failures(str(directory)):
+          threading.Thread(target=late_writer).start()
+          logging.getLogger("asyncio").error("Task exception was never retrieved")
+          raise OSError(errno.ENOSPC, "boom")
+      assert sorted(os.listdir(directory)) == [f"late{i}" for i in range(5)]   # all written
+      assert seen == [] and caplog.records == []
+      sys.unraisablehook(type("U", (), {"exc_type": RuntimeError, "object": None, "err_msg": None,
+                                       "exc_value": RuntimeError("other"),
+                                       "exc_traceback": None})())
+      assert [str(e) for e in seen] == ["other"]              # other unraisables pass on
+      with output_dir.quiet_async_failures(str(tmp_path / "ok")):
+        logging.getLogger("absl").error("a logged error of a save that succeeds")
+        assert caplog.records == []
+      assert [r.getMessage() for r in caplog.records] == ["a logged error of a save that succeeds"]
+  finally:
+    sys.unraisablehook = previous_hook
