@@ -205,7 +205,10 @@ def tsv(deltas: np.ndarray, keep: int, scaling: float = 1.0):
 
 
 def trim(deltas: np.ndarray, eta: float) -> np.ndarray:
-  """Per task matrix: keep |x| >= the (d - int(d eta))-th smallest |x| (eta = 1 keeps all)."""
+  """Per task tensor: keep |x| >= the (d - int(d eta))-th smallest |x| (eta = 1 keeps all).
+
+  SFTM's Algorithm 2 "Keep top eta parameters by magnitude in each M_i" (line 5)
+  and "in each tau_i" (line 11), with TIES' kthvalue threshold."""
   out = []
   for d in deltas:
     x = np.abs(d).ravel()
@@ -221,16 +224,49 @@ def sftm_system(comps) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sftm(deltas: np.ndarray, eta: float = 1.0, gamma: float = 1.0):
-  """SFTM: trim, per-task SVD, G alpha = sigma; (gamma * M, alpha, components)."""
+  """SFTM, Algorithm 1 after Algorithm 2's trim: per-task SVD, G alpha = sigma (eq. (4)),
+  M = sum alpha sigma u v^T (eq. (1)); returns (gamma * M, alpha, components).
+
+  Every component of every task is kept (only sigma <= RTOL * that task's own
+  largest, numerically zero, is dropped). Float64 least squares on G as written.
+  """
   comps = []
-  svds = [np.linalg.svd(d, full_matrices=False) for d in trim(deltas, eta)]
-  scale = max(s.max() for _, s, _ in svds)
-  for u, s, vt in svds:
-    comps += [(s[k], u[:, k], vt[k]) for k in range(len(s)) if s[k] > RTOL * scale]
+  for u, s, vt in [np.linalg.svd(d, full_matrices=False) for d in trim(deltas, eta)]:
+    comps += [(s[k], u[:, k], vt[k]) for k in range(len(s)) if s[k] > RTOL * s.max()]
   g, sigma = sftm_system(comps)
   alpha = np.linalg.lstsq(g, sigma, rcond=None)[0]
   merged = sum(al * sq * np.outer(uq, vq) for al, (sq, uq, vq) in zip(alpha, comps))
   return gamma * merged, alpha, comps
+
+
+def sftm_model(base: dict, tuned: list, kinds: dict, eta: float = 1.0, gamma: float = 1.0,
+               norm_trim: bool = True) -> dict:
+  """Algorithm 2 on full models {name: array}; `kinds[name]` is "linear", "conv", "bias"
+  (biases and embeddings), "norm" or "copy".
+
+  Linear: P_pre + gamma SFTM(trimmed M_i). Conv (§3.3, "reshaping the
+  convolutional kernels into a matrix"): the kernel [out, in, kh, kw] as
+  [out, in kh kw], then as linear, reshaped back. Bias / embedding:
+  P_pre + gamma sum_i trim(tau_i) (lines 11, 15). Norm: P_pre + mean_i trim(tau_i)
+  (lines 11, 13), or with norm_trim=False the plain mean of the P_i (§3.3).
+  """
+  out = {}
+  for name, kind in kinds.items():
+    pre = np.asarray(base[name], np.float64)
+    if kind == "copy":
+      out[name] = base[name]
+      continue
+    tau = np.stack([np.asarray(m[name], np.float64) for m in tuned]) - pre
+    if kind in ("linear", "conv"):
+      mats = tau.reshape(len(tuned), pre.shape[0], -1)
+      out[name] = pre + sftm(mats, eta, gamma)[0].reshape(pre.shape)
+    elif kind == "bias":
+      out[name] = pre + gamma * trim(tau, eta).sum(0)
+    elif kind == "norm":
+      out[name] = pre + (trim(tau, eta) if norm_trim else tau).mean(0)
+    else:
+      raise ValueError(kind)
+  return out
 
 
 def best_rank(delta: np.ndarray, rank: int) -> np.ndarray:
@@ -316,3 +352,47 @@ def core_merge(
   else:
     merged = _merge_values(cores, base, scaling, top_k, drop_rate, keep_masks, weights)
   return {m: bases[m][0] @ merged[m] @ bases[m][1].T for m in merged}
+
+
+def core_tsv_authors_code(bs, as_, scaling: float = 1.0, null_basis_seed: int | None = None):
+  """Core Space + TSV-M of one module, step by step as the authors' code does it.
+
+  Re-expressed from apanariello4/core-space-merging, task_merger.py,
+  MatrixPerLayerMerger: `get_core_matrices` (U_B_ref, Vh_A_ref from the SVDs
+  of [B_1 .. B_n] and [A_1; ..; A_n], nothing truncated; M_i = U_B_ref^T B_i
+  A_i Vh_A_ref^T), `get_tsv_delta_w` (per core an SVD; k = int(K * (1 / T)) of
+  its K = min(core shape) components per task, placed side by side in zero
+  buffers shaped like the SVD's factors; the whitening is U V^T of an SVD of those buffers, no
+  singular value dropped) and `merge` (merge_space "core": U_B_ref M Vh_A_ref,
+  times the scaling coefficient). Unlike `core_merge`, components of a core
+  with zero singular value are kept whenever they fall among a task's k:
+  their singular vectors are whatever basis of the core's null spaces the SVD
+  returns. `null_basis_seed`: replace that basis (left and right) by another
+  orthonormal one drawn from the seed, an equally valid SVD of the same core.
+  """
+  u_ref = np.linalg.svd(np.concatenate(bs, axis=1), full_matrices=False)[0]
+  vh_ref = np.linalg.svd(np.concatenate(as_, axis=0), full_matrices=False)[2]
+  cores = [u_ref.T @ b @ a @ vh_ref.T for b, a in zip(bs, as_)]
+  n = len(cores)
+  rng = np.random.default_rng(null_basis_seed)
+  size = min(cores[0].shape)
+  k = int(size * (1 / n))      # = size // n, except for a few n (49: int(49 * (1 / 49)) = 0)
+  rows, cols = cores[0].shape
+  u_all, s_all, vt_all = np.zeros((rows, size)), np.zeros(size), np.zeros((size, cols))
+  for i, core in enumerate(cores):
+    u, s, vt = np.linalg.svd(core, full_matrices=False)
+    null = size - int(np.sum(s > RTOL * s.max()))
+    if null_basis_seed is not None and null:
+      rank = size - null
+      u, vt = u.copy(), vt.copy()
+      u[:, rank:] = u[:, rank:] @ np.linalg.qr(rng.normal(size=(null, null)))[0]
+      vt[rank:] = np.linalg.qr(rng.normal(size=(null, null)))[0] @ vt[rank:]
+    u_all[:, i * k:(i + 1) * k], s_all[i * k:(i + 1) * k] = u[:, :k], s[:k]
+    vt_all[i * k:(i + 1) * k] = vt[:k]
+
+  def whiten(x):
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+  merged = whiten(u_all) @ np.diag(s_all) @ whiten(vt_all)
+  return scaling * u_ref @ merged @ vh_ref

@@ -17,12 +17,13 @@ dense out x in matrix, or as dense matrices for the `*_dense` references.
 * TSV-M ("Task Singular Vectors", Gargiulo et al., CVPR 2025, arXiv:2412.00081):
   per-task truncation, whitening of the concatenated singular vectors (polar factor).
 * SFTM ("Superpose Singular Features for Model Merging", Qiu et al.,
-  arXiv:2502.10698): coefficients from the linear system (Sigma o U o V) alpha = sigma.
+  arXiv:2502.10698): coefficients from the linear system (Sigma o U o V) alpha = sigma
+  (its components are thresholded per task, against that task's largest value).
 
 Singular components of a zero-padded (or rank-deficient) update have arbitrary
 singular vectors; every method here zeroes the components whose singular value
-is <= `rtol` times the module's largest one, so results do not depend on them
-and the factor and dense paths agree. Every LAPACK call of one program depends
+is <= `rtol` times the module's largest one (SFTM: the task's largest), so
+results do not depend on them and the factor and dense paths agree. Every LAPACK call of one program depends
 on the previous one (see docs/design.md on the jaxlib 0.10 CPU deadlock); the
 two polar factors of TSV-M and Iso-CTS share one batched SVD.
 """
@@ -398,6 +399,11 @@ def tsv_merge_ranked(delta: jax.Array, rank: jax.Array, scaling: float = 1.0,
   (V_i^T): as in the Core Space authors' code, each task keeps
   floor(rank / n) components (at least 1), where `rank` (traced) is the number
   of valid directions of the space (the padded R, C would overcount it).
+  Components with sigma <= rtol * sigma_max are dropped, so a task whose matrix
+  has fewer than floor(rank / n) non-zero singular values contributes only those.
+  The authors' code (task_merger.py, get_tsv_delta_w) keeps the zero-sigma ones
+  too: their singular vectors, an arbitrary basis of null spaces, enter the
+  whitening, so its result is not a function of the inputs (docs/svd_methods.md).
   Returns the merged [R, C].
   """
   n = delta.shape[0]
@@ -411,36 +417,82 @@ def tsv_merge_ranked(delta: jax.Array, rank: jax.Array, scaling: float = 1.0,
 
 
 def sftm_system(u: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
-  """G = Sigma o U o V with G[p, q] = sigma_q (u_p^T u_q)(v_q^T v_p).
+  """G = Sigma o U o V with G[p, q] = sigma_q (u_p^T u_q)(v_q^T v_p) (§3.2, eq. (4)).
 
   u [out, N], s [N], v [in, N]: all tasks' components, flattened (p = (i, k)).
   G alpha = sigma (the paper's eq. (3)) says u_p^T M v_p = sigma_p for
   M = sum_q alpha_q sigma_q u_q v_q^T: every task's singular feature keeps its
-  gain through the merged matrix.
+  gain through the merged matrix. G = `sftm_gram(u, v) @ diag(s)`.
   """
-  return (u.T @ u) * (v.T @ v) * s[None, :]
+  return sftm_gram(u, v) * s[None, :]
+
+
+def sftm_gram(u: jax.Array, v: jax.Array) -> jax.Array:
+  """H[p, q] = (u_p^T u_q)(v_p^T v_q) = <u_p v_p^T, u_q v_q^T>_F, u [out, N], v [in, N].
+
+  The Gram matrix of the rank-one features E_q = u_q v_q^T: symmetric positive
+  semi-definite with unit diagonal, and free of the singular values, so its
+  conditioning is that of the features' geometry, not of the spectra. Full
+  float32 products (GPUs may otherwise use TF32, ~1e-3, for float32 matmuls).
+  """
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.matmul(u.T, u, precision=hi) * jnp.matmul(v.T, v, precision=hi)
+
+
+def sftm_valid(s: jax.Array, rtol: float) -> jax.Array:
+  """Components kept: sigma_ik > rtol * max_k sigma_ik, per task i (s [n, m]).
+
+  The paper keeps every component of every task (Algorithm 1); only the
+  numerically zero ones (zero padding, rank deficiency: arbitrary vectors) go.
+  Relative to the task's own largest value, so a task with a small update is
+  kept whole; a task that is all zero has none.
+  """
+  return s > rtol * jnp.max(s, axis=-1, keepdims=True)
 
 
 def _sftm_solve(u, s, vt, gamma: float, rtol: float):
-  """Flattens per-task SVDs [n, out, m], [n, m], [n, m, in]; solves for alpha; M factors."""
+  """Flattens per-task SVDs [n, out, m], [n, m], [n, m, in]; solves for alpha; M factors.
+
+  With beta = sigma o alpha, eq. (4) G alpha = sigma is H beta = sigma
+  (`sftm_gram`), and M = sum_q beta_q u_q v_q^T. H is solved by its
+  eigendecomposition, eigenvalues <= N eps lambda_max dropped (the usual
+  numerical-rank cutoff): least squares, minimum-norm in beta where H is
+  singular; every solution gives the same M, since H's null space is
+  {beta : sum_q beta_q E_q = 0}. Solving G itself (lstsq) puts the spread of
+  the singular values into its conditioning, and in float32 its cutoff dropped
+  directions of decaying spectra (measured at eta = 0.2: M off by 2-15 %,
+  eq. (3) by 3-10 % of sigma_max, a false "singular" warning); H's eigenvalues
+  do not depend on them (float32 gives float64's M to ~1e-5 there). Dropped
+  components get H[q, q] = 1, sigma_q = 0 (so beta_q = 0); `deficient` is
+  rank(H) < N, i.e. a truly (numerically) singular system, e.g. two identical
+  tasks.
+  """
   n, out, m = u.shape
-  valid = s > rtol * jnp.max(s)
+  valid = sftm_valid(s, rtol)
+  flat = valid.reshape(-1)
   u_all = _cat_b(u * valid[:, None, :])
   vt_all = _cat_a(jnp.where(valid[..., None], vt, 0))
   s_all = jnp.where(valid, s, 0).reshape(-1)
-  g = sftm_system(u_all, s_all, vt_all.T)
-  alpha, _, rank, _ = jnp.linalg.lstsq(g, s_all)
-  alpha = jnp.where(s_all > 0, alpha, 0)
-  deficient = rank < jnp.sum(valid)
-  return u_all, (gamma * alpha * s_all)[:, None] * vt_all, alpha.reshape(n, m), deficient
+  h = sftm_gram(u_all, vt_all.T)
+  h = jnp.where(flat[:, None] & flat[None, :], h, jnp.eye(h.shape[0], dtype=h.dtype))
+  lam, q = jnp.linalg.eigh(h)
+  keep = lam > h.shape[0] * jnp.finfo(h.dtype).eps * lam[-1]
+  inv = jnp.where(keep, 1 / jnp.where(keep, lam, 1), 0)
+  hi = jax.lax.Precision.HIGHEST
+  beta = jnp.where(flat, jnp.matmul(q, inv * jnp.matmul(q.T, s_all, precision=hi),
+                                    precision=hi), 0)
+  alpha = jnp.where(flat, beta / jnp.where(flat, s_all, 1), 0)
+  deficient = jnp.sum(keep) < h.shape[0]
+  return u_all, (gamma * beta)[:, None] * vt_all, alpha.reshape(n, m), deficient
 
 
 def sftm(b: jax.Array, a: jax.Array, gamma: float = 1.0, rtol: float = DEFAULT_RTOL):
   """SFTM (Qiu et al., arXiv:2502.10698) from the factors, without trimming (eta = 1).
 
   M_i = B_i A_i = sum_k sigma_ik u_ik v_ik^T (QR + small SVD per task); alpha
-  solves (Sigma o U o V) alpha = sigma by least squares (minimum norm where
-  singular); the update is gamma * M, M = sum alpha_ik sigma_ik u_ik v_ik^T.
+  solves (Sigma o U o V) alpha = sigma (eq. (4), see `_sftm_solve`: least
+  squares where singular); the update is gamma * M, M = sum alpha_ik sigma_ik
+  u_ik v_ik^T (eq. (1)). Components <= rtol * the task's largest are dropped.
   Returns (b_m [out, n m], a_m [n m, in], alpha [n, m], rank_deficient).
   Entry-wise trimming (eta < 1) breaks the low-rank structure: use `sftm_dense`.
   """
@@ -450,8 +502,10 @@ def sftm(b: jax.Array, a: jax.Array, gamma: float = 1.0, rtol: float = DEFAULT_R
 def trim_top(delta: jax.Array, eta: float) -> jax.Array:
   """TIES-style trim per task: keep entries with |x| >= the (d - int(d eta))-th smallest |x|.
 
-  delta [n, out, in]; d = out * in, the entries of one task's matrix (SFTM
-  trims each task matrix on its own, before its SVD). eta = 1 keeps all.
+  delta [n, ...]; d = the entries of one task's tensor. Algorithm 2 keeps "top
+  eta parameters by magnitude in each M_i" (line 5) and "in each tau_i"
+  (line 11, biases, embeddings, norms), each on its own, before the merge.
+  eta = 1 keeps all.
   """
   if not 0.0 < eta <= 1.0:
     raise ValueError(f"eta must be in (0, 1]; got {eta}")
@@ -460,14 +514,16 @@ def trim_top(delta: jax.Array, eta: float) -> jax.Array:
   k = kth_rank(flat.shape[1], eta)
   if k == 0:
     return delta
-  kth = jnp.sort(flat, axis=1)[:, k - 1]
-  return jnp.where(jnp.abs(delta) >= kth[:, None, None], delta, 0)
+  kth = jnp.sort(flat, axis=1)[:, k - 1].reshape((n,) + (1,) * (delta.ndim - 1))
+  return jnp.where(jnp.abs(delta) >= kth, delta, 0)
 
 
 def sftm_dense(delta: jax.Array, eta: float = 1.0, gamma: float = 1.0,
                rtol: float = DEFAULT_RTOL):
   """SFTM on dense task updates [n, out, in]: top-eta trim, SVD, linear system.
 
+  Algorithm 2 lines 5-7 for one layer: trim each M_i (`trim_top`), then
+  Algorithm 1 (`_sftm_solve`); the update is gamma M.
   Returns (update [out, in] = gamma M, alpha [n, min(out, in)], rank_deficient).
   """
   trimmed = trim_top(delta, eta)
