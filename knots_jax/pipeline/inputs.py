@@ -37,7 +37,9 @@ def resolved(job: JobConfig, config: MergeConfig) -> dict:
   the options its method reads."""
   job_options = {k: ",".join(v) if isinstance(v, tuple) else v
                  for k, v in dataclasses.asdict(job).items()}
-  return {**job_options, **config.applicable()}
+  merge_options = {k: list(v) if isinstance(v, tuple) else v    # as JSON reads them back
+                   for k, v in config.applicable().items()}
+  return {**job_options, **merge_options}
 
 
 def dry_run(job: JobConfig, config: MergeConfig) -> dict:
