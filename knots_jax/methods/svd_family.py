@@ -119,7 +119,9 @@ def multiplied_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
 def cross_term(b: jax.Array, a: jax.Array, weights: jax.Array):
   """L_DM - L_MM as factors [B_dm, -B_mm] [out, r + n r], [A_dm; A_mm] [r + n r, in].
 
-  Equals sum_{i != j} w_i w_j B_i A_j + sum_i (w_i^2 - w_i) B_i A_i.
+  Equals sum_{i != j} w_i w_j B_i A_j + sum_i (w_i^2 - w_i) B_i A_i: for w = 1 the M of
+  "LoRA Merging with SVD" §3.3, eq. (3); for other weights the whole difference, whose
+  diagonal part comes from DM weighing both factors (docs/svd_methods.md).
   """
   b_dm, a_dm = direct_merge(b, a, weights)
   b_mm, a_mm = multiplied_merge(b, a, weights)
