@@ -442,23 +442,8 @@ def test_an_unreadable_adapter_file_is_one_line(tmp_path):
     finally:
       os.chmod(adapter / name, 0o644)
     _assert_one_error_line(code, err, str(adapter / name))
-    if name == "adapter_config.json":
-      assert "Permission denied" in err
+    assert "Permission denied" in err   # safetensors alone says "No such file" for EACCES
   assert os.listdir(tmp_path) == ["adapter"]
-
-
-def test_an_unreadable_adapter_weights_file_says_permission_denied(tmp_path):
-  prefix = _unprivileged()
-  if prefix is None:
-    pytest.skip("running as root without setpriv: files cannot be made unreadable")
-  demo = main.load_config(["--config", DEMO_CONFIG])
-  adapter = tmp_path / "adapter"
-  shutil.copytree(demo.adapters.split(",")[0], adapter)
-  os.chmod(adapter / "adapter_model.safetensors", 0)
-  argv = _demo_argv(tmp_path, f"--config.adapters={adapter}", "--config.dry_run=true")
-  code, err = _run_cli(argv, prefix)
-  os.chmod(adapter / "adapter_model.safetensors", 0o644)
-  assert code == 2 and "Permission denied" in err, err
 
 
 @pytest.mark.parametrize("writer", [
