@@ -20,8 +20,8 @@ Differences from the reference, on purpose:
   methods, where alpha multiplies the result (Iso-C, Iso-CTS, TSV-M, SFTM's
   gamma, SVD_r of the multiplied merge). The alpha stage therefore merges once
   at alpha = 1 and rescales the result for every alpha (one multiply per
-  stack, not one merge per alpha). `direct_merge` and `mm_noise`, where alpha
-  weighs both factors, are merged for every alpha.
+  stack, not one merge per alpha). `direct_merge`, its TIES / DARE variants
+  and `mm_noise`, where alpha weighs both factors, are merged for every alpha.
 * Candidates are not batched with `vmap`: `evaluate` is an arbitrary Python
   callback (a model forward pass over a data set) that cannot be traced, and
   with rescaling the merges left in a search are the few second-stage ones.
@@ -74,14 +74,14 @@ def searched_parameter(method: str) -> str | None:
   spec = registry.get_method(method)
   if spec.dare:
     return "drop_rate"
-  if spec.combine == "ties":
+  if options.uses_top_k(spec):
     return "top_k"
   return None
 
 
 def is_homogeneous(method: str) -> bool:
   """True if the merged update is exactly alpha times the alpha = 1 merge
-  (`Method.homogeneous`: every method but direct_merge and mm_noise)."""
+  (`Method.homogeneous`: every method but the DM family and mm_noise)."""
   return registry.get_method(method).homogeneous
 
 
@@ -260,7 +260,7 @@ def _search_config(method: str, top_k, drop_rate, seed: int, merge_kwargs: dict)
       raise ValueError(f"`{key}` is set by the search; pass {hint} to linear_search itself")
   spec = registry.get_method(method)
   if top_k is None:
-    top_k = DARE_TIES_TOP_K if (spec.dare and spec.combine == "ties") else DEFAULT_TOP_K
+    top_k = DARE_TIES_TOP_K if (spec.dare and options.uses_top_k(spec)) else DEFAULT_TOP_K
   drop_rate = DEFAULT_DROP_RATE if drop_rate is None else drop_rate
   return MergeConfig.from_options(dict(method=method, top_k=top_k, drop_rate=drop_rate,
                                        seed=seed, **merge_kwargs), source="linear_search")

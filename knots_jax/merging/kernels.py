@@ -291,6 +291,81 @@ def sftm_dense_stack(delta, eta: float = 1.0, gamma: float = 1.0,
   return update, alpha
 
 
+# ------------------- DM with TIES / DARE ("LoRA Merging with SVD", §3.2, Table 1)
+
+# fold_in data of each factor's DARE masks: module l's B_i from fold_in(key_l, 0), its A_i
+# from fold_in(key_l, 1) (key_l = module_keys(seed, modules)[l]).
+DM_MASK_STREAMS = {"b": 0, "a": 1}
+
+
+@jax.jit
+def used_components(b: jax.Array, a: jax.Array) -> jax.Array:
+  """Per module and task, the LoRA components in use (B_i's column or A_i's row non-zero):
+  the rank of each zero-padded factor, [L, n]."""
+  return jnp.sum(jnp.any(b != 0, axis=2) | jnp.any(a != 0, axis=3), axis=-1)
+
+
+def _padded_kth_ranks(used: np.ndarray, size: int, padded: int, top_k: float) -> np.ndarray:
+  """Per module and task, the rank among all `padded * size` entries of a zero-padded factor
+  of the `entrywise.kth_rank`-th smallest of its `used * size` real magnitudes: the padding
+  zeros sort first, so a rank shifts by their number (0, keep all, stays 0)."""
+  kth = np.vectorize(lambda c: entrywise.kth_rank(int(c), top_k), otypes=[np.int64])(used * size)
+  return np.where(kth > 0, kth + (padded - used) * size, 0).astype(np.int32)
+
+
+def _dm_ties_one(b, a, rank_b, rank_a, weights):
+  """TIES on the stacked B_i and, separately, on the stacked A_i of one module."""
+  return entrywise.ties_tensor(b, rank_b, weights), entrywise.ties_tensor(a, rank_a, weights)
+
+
+_dm_ties_stack = per_stack(_dm_ties_one, in_axes=(0, 0, 0, 0, None))
+
+
+def dm_ties_stack(b, a, weights, top_k: float, used=None):
+  """DM-TIES over a stack b [L, n, out, r], a [L, n, r, in]: (B_m [L, out, r], A_m [L, r, in]).
+
+  TIES (`entrywise.ties_tensor`) per module and per factor, with weights [n] (alpha w_i)
+  on each factor's kept values, as DM weighs both factors: B_m A_m is quadratic in alpha.
+  Task i's threshold counts only its `used` components (`used_components` of these
+  factors unless given), so top_k is a share of its unpadded B_i (out x r_i) and A_i.
+  """
+  b, a, weights = _checked_stack(b, a, weights)
+  used = np.asarray(used_components(b, a) if used is None else used)
+  _, _, out, r = b.shape
+  rank_b = _padded_kth_ranks(used, out, r, top_k)
+  rank_a = _padded_kth_ranks(used, a.shape[-1], r, top_k)
+  return _dm_ties_stack(b, a, jnp.asarray(rank_b), jnp.asarray(rank_a), weights)
+
+
+@jax.jit
+def dare_factors_stack(b: jax.Array, a: jax.Array, keys: jax.Array, keep_prob):
+  """DARE (drop, rescale by 1 / keep_prob) of both factors of every module, each factor with
+  its own masks (`DM_MASK_STREAMS`); one key per module (`module_keys`)."""
+  def stream(name):
+    return jax.vmap(lambda k: jax.random.fold_in(k, DM_MASK_STREAMS[name]))(keys)
+  return dare_stack(b, stream("b"), keep_prob), dare_stack(a, stream("a"), keep_prob)
+
+
+def dm_dare_stack(b, a, weights, drop_rate: float, seed: int, modules: Sequence[str],
+                  top_k: float | None = None):
+  """DM-DARE (top_k None: DARE on each factor, then DM) or DM-DARE-TIES (DARE, then
+  `dm_ties_stack` with the thresholds counted on the factors before the drop).
+
+  b [L, n, out, r], a [L, n, r, in], weights [n]; module l draws its masks from
+  `module_keys(seed, modules)[l]`. Returns (B_m [L, out, r], A_m [L, r, in]).
+  """
+  b, a, weights = _checked_stack(b, a, weights)
+  if not 0.0 <= drop_rate < 1.0:
+    raise ValueError(f"DARE drop rate must be in [0, 1), got {drop_rate}")
+  if len(modules) != b.shape[0]:
+    raise ValueError(f"need one module name per stacked module ({b.shape[0]}); got {len(modules)}")
+  used = None if top_k is None else used_components(b, a)
+  b_d, a_d = dare_factors_stack(b, a, module_keys(seed, modules), keep_probability(drop_rate))
+  if top_k is None:
+    return direct_merge_stack(b_d, a_d, weights)
+  return dm_ties_stack(b_d, a_d, weights, top_k, used=used)
+
+
 # ------------------------------------- the programs of the methods' table rows
 
 FactorKernel = Callable[[jax.Array, jax.Array, MergeConfig, Sequence[str]], object]
@@ -324,6 +399,11 @@ def _sftm(b, a, config: MergeConfig, modules):
 FACTOR_KERNELS: Mapping[str, FactorKernel] = {
     "direct_merge": lambda b, a, c, modules: direct_merge_stack(
         b, a, _uniform_weights(b, c)),
+    "dm_ties": lambda b, a, c, modules: dm_ties_stack(b, a, _uniform_weights(b, c), c.top_k),
+    "dm_dare": lambda b, a, c, modules: dm_dare_stack(
+        b, a, _uniform_weights(b, c), c.drop_rate, c.seed, modules),
+    "dm_dare_ties": lambda b, a, c, modules: dm_dare_stack(
+        b, a, _uniform_weights(b, c), c.drop_rate, c.seed, modules, top_k=c.top_k),
     "mm_svd": lambda b, a, c, modules: mm_svd_stack(
         b, a, _uniform_weights(b, c), rank=c.output_rank or None),
     "mm_noise": lambda b, a, c, modules: cross_term_noise_stack(

@@ -133,3 +133,25 @@ def ties(x: jax.Array, threshold: jax.Array, majority: jax.Array | float, scalin
   """TIES on one module given the per-task thresholds and the majority sign."""
   pruned = jnp.where(magnitude_mask(x, threshold), x, 0)
   return disjoint_mean(pruned, elect_sign(pruned, majority), scaling)
+
+
+def kth_magnitude(x: jax.Array, rank: jax.Array) -> jax.Array:
+  """Per task, the rank_i-th smallest |x_i| (1-based) over all entries of x_i [n, ...]: [n].
+
+  `rank` [n] is `kth_rank` of the task's entry count; 0 gives threshold 0, which keeps
+  every entry.
+  """
+  ordered = jnp.sort(jnp.abs(x).reshape(x.shape[0], -1), axis=-1)
+  picked = jnp.take_along_axis(ordered, jnp.maximum(rank - 1, 0)[:, None], axis=-1)[:, 0]
+  return jnp.where(rank > 0, picked, 0).astype(x.dtype)
+
+
+def ties_tensor(x: jax.Array, rank: jax.Array, scaling) -> jax.Array:
+  """TIES (Yadav et al. 2023, §3: trim, elect, disjoint merge) of one tensor per task, with
+  everything per tensor: task i keeps |x_i| >= its rank_i-th smallest magnitude
+  (`kth_magnitude`), the sign is elected on the unweighted pruned values (zero sums take
+  the sign of this tensor's sum of elected signs), then the disjoint mean of the
+  `scaling`-weighted agreeing values. The per-factor TIES of `dm_ties` ("LoRA Merging
+  with SVD", Table 1; PEFT's `ties` on lora_A / lora_B)."""
+  pruned = jnp.where(magnitude_mask(x, kth_magnitude(x, rank)), x, 0)
+  return disjoint_mean(pruned, elect_sign(pruned, sign_sum(pruned)), scaling)

@@ -74,6 +74,16 @@ def _uses_ties(m: registry.Method) -> bool:
   return m.combine == "ties"
 
 
+# Factor methods with TIES on each factor tensor (their threshold and sign are per tensor:
+# `top_k_scope` does not apply).
+_FACTOR_TIES = ("dm_ties", "dm_dare_ties")
+
+
+def uses_top_k(m: registry.Method) -> bool:
+  """True if the method trims with TIES' top-K (entrywise TIES or per factor tensor)."""
+  return _uses_ties(m) or m.name in _FACTOR_TIES
+
+
 def _uses_dare(m: registry.Method) -> bool:
   return m.dare
 
@@ -104,8 +114,8 @@ class MergeConfig:
   method: str = option(
       "knots_ties", "Merging method: ta, mean, ties, dare, dare_ties, or the same with the prefix "
       "knots_ (merge in the KnOTS-aligned space) or core_ (merge the Core Space's core "
-      "matrices); or direct_merge, mm_svd, mm_noise, iso_c, iso_cts, tsv_m, sftm (from the LoRA "
-      "factors), knots_tsv_m, core_tsv_m, core_iso_c, core_iso_cts. `knots-jax methods` lists "
+      "matrices); or direct_merge, dm_ties, dm_dare, dm_dare_ties, mm_svd, mm_noise, iso_c, "
+      "iso_cts, tsv_m, sftm (from the LoRA factors), knots_tsv_m, core_tsv_m, core_iso_c, core_iso_cts. `knots-jax methods` lists "
       "them with their papers.", _method_name)
   scaling: float = option(
       1.0, "alpha: multiplies the merged update (TIES: every kept value, before the disjoint "
@@ -120,13 +130,15 @@ class MergeConfig:
       checks.number_list)
   top_k: float = option(
       30.0, "TIES: the share of entries kept per task, in (0, 100]; > 1 means percent (30 = 30%), "
-      "1 or 100 keep everything. The paper searches 10 ... 100.", TOP_K, _uses_ties)
+      "1 or 100 keep everything (dm_ties, dm_dare_ties: of each factor tensor B_i, A_i). The "
+      "paper searches 10 ... 100.", TOP_K, uses_top_k)
   top_k_scope: str = option(
       "model", "TIES threshold and majority sign over the whole `model` (the KnOTS reference) or "
       "per `layer` (per module, as PEFT, mergekit and the Core Space paper).",
       checks.one_of(("model", "layer")), _uses_ties)
   drop_rate: float = option(
-      0.9, "DARE: probability p in [0, 1) of dropping an entry; kept ones are scaled by 1/(1-p).",
+      0.9, "DARE: probability p in [0, 1) of dropping an entry (dm_dare, dm_dare_ties: of each "
+      "factor); kept ones are scaled by 1/(1-p).",
       DROP_RATE, _uses_dare)
   seed: int = option(
       0, "DARE (and mm_noise): random seed in [0, 2**32); the result is deterministic given it.",

@@ -27,7 +27,8 @@ class Method:
   DARE when `dare`) on the values of the method's `space`: the dense task
   updates ("full"), KnOTS' aligned diag(s) V_i^T ("knots") or the Core Space's
   core matrices ("core"). "factors": a function of the LoRA factors (full
-  space). "matrices": a function of each task's whole matrix in the KnOTS or
+  space; with `dare`, DARE on each factor first: dm_dare, dm_dare_ties).
+  "matrices": a function of each task's whole matrix in the KnOTS or
   core space.
   """
   name: str
@@ -65,10 +66,16 @@ _ISO_C = "Iso-C, Marczak et al. 2025 (arXiv:2502.04959)"
 _ISO_CTS = "Iso-CTS, Marczak et al. 2025 (arXiv:2502.04959)"
 
 # Methods computed from the LoRA factors of each module (methods/svd_family.py);
-# `scaling` is their alpha (SFTM: gamma). direct_merge and mm_noise weigh both
-# factors (or the cross term's norm) by alpha: quadratic, not proportional.
+# `scaling` is their alpha (SFTM: gamma). direct_merge, its TIES / DARE variants and
+# mm_noise weigh both factors (or the cross term's norm) by alpha: quadratic, not
+# proportional.
+_DM_OF = f"merged separately, then B_m A_m: DM of {_LORA_SVD} §3.2, Table 1"
 _FACTOR_METHODS = {
     "direct_merge": (f"Direct merge of A and B (with cross terms), {_LORA_SVD}", False),
+    "dm_ties": (f"TIES (Yadav et al. 2023, arXiv:2306.01708) per factor tensor, B_i and A_i "
+                f"{_DM_OF}", False),
+    "dm_dare": (f"DARE (Yu et al. 2024, arXiv:2311.03099) on B_i and A_i, {_DM_OF}", False),
+    "dm_dare_ties": (f"DARE then TIES per factor tensor, B_i and A_i {_DM_OF}", False),
     "mm_svd": (f"Multiplied merge truncated to the LoRA rank, SVD_r(L_MM), {_LORA_SVD}", True),
     "mm_noise": (f"Multiplied merge + Gaussian noise of the cross term's norm (ablation), "
                  f"{_LORA_SVD}", False),
@@ -78,6 +85,9 @@ _FACTOR_METHODS = {
     "sftm": ("SFTM, Qiu et al. 2025 (arXiv:2502.10698)", True),
 }
 
+# Factor methods that start with DARE's drop and rescale (of each factor).
+_DARE_FACTOR_METHODS = ("dm_dare", "dm_dare_ties")
+
 # Methods of each task's whole matrix in the core space (`core_*`).
 _CORE_MATRIX_METHODS = {"tsv_m": _TSV, "iso_c": _ISO_C, "iso_cts": _ISO_CTS}
 
@@ -86,7 +96,8 @@ def _table() -> dict[str, Method]:
   rows = [Method(name, "full", c, d, ref) for name, (c, d, ref) in _BASE.items()]
   rows += [Method(f"knots_{name}", "knots", c, d, _KNOTS + ref)
            for name, (c, d, ref) in _BASE.items()]
-  rows += [Method(name, "full", "factors", False, ref, homogeneous=homogeneous)
+  rows += [Method(name, "full", "factors", name in _DARE_FACTOR_METHODS, ref,
+                  homogeneous=homogeneous)
            for name, (ref, homogeneous) in _FACTOR_METHODS.items()]
   rows.append(Method("knots_tsv_m", "knots", "matrices", False,
                      _KNOTS + _TSV + " on V_i^T, all components"))

@@ -100,7 +100,10 @@ def direct_merge(b: jax.Array, a: jax.Array, weights: jax.Array):
   """DM ("LoRA Merging with SVD"): B = sum_i w_i B_i, A = sum_i w_i A_i.
 
   Keeps LoRA's rank r; the product (sum w_i B_i)(sum w_j A_j) contains the
-  cross terms w_i w_j B_i A_j (i != j). Returns (b_dm [out, r], a_dm [r, in]).
+  cross terms w_i w_j B_i A_j (i != j). The paper defines DM for plain sums
+  (§3.2, eq. 2; w = 1); both factors are weighed here, so task i's own term is
+  w_i^2 B_i A_i, and L_DM - L_MM (`cross_term`) also holds (w_i^2 - w_i) B_i A_i
+  for w != 1 (docs/svd_methods.md). Returns (b_dm [out, r], a_dm [r, in]).
   """
   w = check_weights(weights, b.shape[0])
   return jnp.einsum("n,nor->or", w, b), jnp.einsum("n,nri->ri", w, a)

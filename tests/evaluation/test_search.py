@@ -127,6 +127,20 @@ def test_non_homogeneous_methods_are_merged_for_every_alpha(alignment):
   assert found.best == {"scaling": 0.3}
 
 
+def test_dm_ties_searches_alpha_by_merging_then_top_k(alignment):
+  """dm_ties: alpha weighs both factors (merged per alpha), then top-K; the chosen merge is
+  the direct one."""
+  found = search.linear_search(alignment, "dm_ties", Recorder(_peak(0.7, k=40)),
+                               scalings=SCALINGS, top_ks=TOP_KS)
+  assert found.best == {"scaling": 0.7, "top_k": 40.0}
+  assert [t.settings for t in found.trials] == (
+      [{"scaling": a, "top_k": 30.0} for a in SCALINGS]
+      + [{"scaling": 0.7, "top_k": k} for k in TOP_KS])
+  assert not any(t.rescaled for t in found.trials)
+  direct = knots_jax.merge(alignment, "dm_ties", scaling=0.7, top_k=40)
+  assert _max_diff(found.result, direct) < 1e-6
+
+
 def test_an_adapter_set_is_aligned_exactly_once(adapters, monkeypatch):
   calls = {"align": 0, "stacks": 0}
   align, align_stack = decompose.align, knots_svd.align_stack
@@ -196,7 +210,7 @@ def test_which_methods_are_rescaled():
   for method in ("ta", "knots_ta", "mean", "ties", "knots_ties", "dare", "knots_dare_ties",
                  "iso_c", "iso_cts", "tsv_m", "sftm", "mm_svd", "core_tsv_m", "knots_tsv_m"):
     assert search.is_homogeneous(method), method
-  for method in ("direct_merge", "mm_noise"):
+  for method in ("direct_merge", "dm_ties", "dm_dare", "dm_dare_ties", "mm_noise"):
     assert not search.is_homogeneous(method), method
 
 
@@ -207,3 +221,14 @@ def test_searched_parameter_per_method():
   assert search.searched_parameter("knots_dare_ties") == "drop_rate"
   assert search.searched_parameter("knots_ta") is None
   assert search.searched_parameter("tsv_m") is None
+  assert search.searched_parameter("dm_ties") == "top_k"
+  assert search.searched_parameter("dm_dare") == "drop_rate"
+  assert search.searched_parameter("dm_dare_ties") == "drop_rate"
+  assert search.searched_parameter("direct_merge") is None
+
+
+def test_dm_dare_ties_search_keeps_top_k_100_and_sweeps_the_drop_rate():
+  """Like DARE-TIES, dm_dare_ties holds top-K at 100 while alpha and p are searched."""
+  config = search._search_config("dm_dare_ties", None, None, 0, {})
+  assert config.top_k == search.DARE_TIES_TOP_K
+  assert search._search_config("dm_ties", None, None, 0, {}).top_k == search.DEFAULT_TOP_K

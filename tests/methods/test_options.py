@@ -79,7 +79,8 @@ def test_settings_list_only_the_options_the_method_reads():
 
 def test_who_reads_each_option_follows_the_method_table():
   ties_like = {name for name, m in registry.METHODS.items() if m.combine == "ties"}
-  assert set(users("top_k")) == ties_like
+  # ... and TIES on each LoRA factor (dm_ties, dm_dare_ties, "LoRA Merging with SVD" Table 1).
+  assert set(users("top_k")) == ties_like | {"dm_ties", "dm_dare_ties"}
   assert set(users("drop_rate")) == {n for n, m in registry.METHODS.items() if m.dare}
   assert set(users("path")) == {n for n, m in registry.METHODS.items() if m.space == "knots"}
   assert users("eta") == ["sftm"] and set(users("scaling")) == set(registry.METHODS)
