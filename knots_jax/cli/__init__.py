@@ -1,5 +1,5 @@
-"""`knots-jax`: flags in, one library call, a summary out (`main.run`)."""
+"""`knots-jax`: flags in, one library call, a summary out (`knots_jax.cli.main.run`).
 
-from knots_jax.cli.main import run
-
-__all__ = ["run"]
+`main` is not imported here, so that `python -m knots_jax.cli.main` runs it once,
+without runpy's warning about a module already in sys.modules.
+"""

@@ -53,12 +53,26 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, *,
       node = node[part]
     if last not in node:
       raise ValueError(f"{source}: unknown field `{key}`; fields here: {', '.join(node.keys())}")
-    current = node[last]
-    if isinstance(current, bool):
-      node[last] = value.strip().lower() in ("1", "true", "yes")
-    else:
-      node[last] = type(current)(value)
+    node[last] = _parsed(node[last], value, key, source)
   return config
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parsed(current, value: str, key: str, source: str):
+  """`value` as the type of the field's current value; a ValueError naming the field."""
+  if isinstance(current, bool):
+    word = value.strip().lower()
+    if word not in _TRUE + _FALSE:
+      raise ValueError(f"{source}: `{key}` is true or false ({'/'.join(_TRUE)} or "
+                       f"{'/'.join(_FALSE)}); got {value!r}")
+    return word in _TRUE
+  try:
+    return type(current)(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{source}: `{key}` must be of type {type(current).__name__}; "
+                     f"got {value!r}") from None
 
 
 def parse_preset(config: ml_collections.ConfigDict, arg: str | None,

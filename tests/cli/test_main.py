@@ -460,3 +460,12 @@ def test_a_corrupt_base_model_is_one_line_for_every_writer(writer, damage, capsy
   code = main.run(_demo_argv(tmp_path, f"--config.base_model={base}", *writer))
   _assert_one_error_line(code, capsys.readouterr().err, str(weights))
   assert os.listdir(tmp_path) == ["base"]
+
+
+def test_python_dash_m_runs_the_command_line_without_warnings():
+  """`python -m knots_jax.cli.main` runs main once (runpy warns when the package had
+  imported it already)."""
+  proc = subprocess.run([sys.executable, "-W", "error", "-m", "knots_jax.cli.main", "methods"],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  assert "RuntimeWarning" not in proc.stderr and "knots_ties" in proc.stdout
