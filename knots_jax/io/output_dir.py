@@ -296,6 +296,22 @@ def _make_temp_dir(path: str, parent: str, name: str, created: list[str]) -> str
                         f"name in `{parent}`")
 
 
+def check_writable(path: str) -> None:
+  """Raises the OSError a write of output `path` would meet in making its directory (a
+  parent that is a file, a read-only or missing-and-uncreatable parent), before any work
+  is done for it: creates and removes a probe directory where the output would go."""
+  path = os.path.normpath(os.path.abspath(os.fspath(path)))
+  parent, name = os.path.split(path)
+  created = _make_parents(path, parent)
+  try:
+    tmp = _make_temp_dir(path, parent, name, created)
+    with _open_paths_lock:
+      _open_paths.discard(tmp)
+    os.rmdir(tmp)
+  finally:
+    _remove_dirs(created)
+
+
 # ---------------------------------------------------------------- signals
 
 

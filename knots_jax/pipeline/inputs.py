@@ -21,6 +21,7 @@ def check_job(job: JobConfig, config: MergeConfig) -> None:
                      f"adapter(s) ({', '.join(job.adapters)}); give one per adapter, in order")
   if job.output:
     output_dir.check_output_dir(job.output, overwrite=job.overwrite)
+    output_dir.check_writable(job.output)   # a read-only parent fails now, not after the merge
 
 
 def load_checked(job: JobConfig) -> AdapterSet:

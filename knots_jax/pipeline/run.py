@@ -59,6 +59,7 @@ def _cached_alignment(job: JobConfig, config: MergeConfig, adapters: AdapterSet,
     alignment = cache_lib.restore_alignment(path, mesh=mesh)
     times["restore_alignment"] = time.perf_counter() - start
     return alignment, "restored"
+  output_dir.check_writable(path)           # fail before aligning, not after
   alignment = decompose.align(adapters, **settings, progress=job.progress, mesh=mesh)
   start = time.perf_counter()
   cache_lib.save_alignment(alignment, path)

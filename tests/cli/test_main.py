@@ -469,3 +469,36 @@ def test_python_dash_m_runs_the_command_line_without_warnings():
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   assert "RuntimeWarning" not in proc.stderr and "knots_ties" in proc.stdout
+
+
+def test_an_unwritable_alignment_cache_fails_before_aligning(tmp_path, capsys, monkeypatch):
+  """The cache's directory is probed first: no alignment is computed for a cache that
+  cannot be written (the refusal of mkdir in that parent simulated, as root may write)."""
+  from knots_jax.alignment import decompose
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  target = read_only / "cache"
+  real_mkdir, aligned = os.mkdir, []
+
+  def mkdir(path, *args, **kwargs):
+    if os.path.dirname(os.path.abspath(path)) == str(read_only):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    return real_mkdir(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "mkdir", mkdir)
+  monkeypatch.setattr(decompose, "align", lambda *a, **k: aligned.append(1))
+  code = main.run(_demo_argv(tmp_path, f"--config.alignment_cache={target}"))
+  _assert_one_error_line(code, capsys.readouterr().err, f"cannot write output `{target}`",
+                         f"in `{read_only}` (Permission denied)")
+  assert aligned == [] and os.listdir(read_only) == []
+  assert sorted(os.listdir(tmp_path)) == ["read_only"]
+
+
+def test_check_writable_leaves_nothing(tmp_path):
+  from knots_jax.io import output_dir
+  output_dir.check_writable(tmp_path / "a" / "b" / "out")
+  assert os.listdir(tmp_path) == []
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+    output_dir.check_writable(tmp_path / "file" / "out")
+  assert os.listdir(tmp_path) == ["file"]
