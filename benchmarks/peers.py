@@ -27,6 +27,11 @@ starts), from those files to a merged adapter written to disk:
                               SVD of the concatenated dense updates per module, the
                               reference implementation's way
 
+Opt-in rows (`--runs`): authors_core_ties (the Core Space authors' TIES on the per-layer
+cores, transcribed in PyTorch, algorithm only) beside ours_core_ties (`core_ties`,
+`top_k_scope=layer`); ours_ties_layer / ours_ties_model (dense `ties`, thresholds per
+module / per model; merged in memory, not written).
+
 Each run is made twice in its process: cold (first call, jit compilation for
 ours; JAX's persistent compilation cache is off unless `--compile-cache DIR`)
 and warm (the same again; PEFT keeps its base model and loads the adapters
@@ -95,6 +100,10 @@ PAIRED_WITH = {"peft_cat": "ours_knots_ta", "peft_svd": "ours_knots_ta",
                **{f"dense_{m}": f"ours_{m}" for m in OURS_METHODS}}
 DEFAULT_RUNS = ([f"peft_{t}" for t in PEFT_TYPES] + [f"ours_{m}" for m in OURS_METHODS]
                 + ["ours_mm_svd"] + [f"dense_{m}" for m in OURS_METHODS])
+# Opt-in (--runs): Core Space TIES per layer, the authors' algorithm (PyTorch) beside
+# ours; dense TIES with per-layer against whole-model thresholds.
+EXTRA_RUNS = ("authors_core_ties", "ours_core_ties", "ours_ties_layer", "ours_ties_model")
+PAIRED_WITH.update({"authors_core_ties": "ours_core_ties", "ours_ties_layer": "ours_ties_model"})
 
 
 # ----------------------------------------------------------------- NumPy side
@@ -292,6 +301,10 @@ def _ours_child(spec: dict) -> dict:
     options["output_rank"] = spec["svd_rank"]
   if method.startswith("knots_"):
     options.update(path="dense" if dense else "core", dtype="float64" if dense else "float32")
+  if method == "core_ties":
+    options["top_k_scope"] = "layer"          # as the authors (matrix_per_layer)
+  if method in ("ties_layer", "ties_model"):
+    method, options["top_k_scope"] = "ties", method.split("_")[1]
   t: dict[str, dict[str, float]] = {}
   for phase in ("cold", "warm"):
     p = t[phase] = {}
@@ -303,12 +316,74 @@ def _ours_child(spec: dict) -> dict:
     jax.block_until_ready([(s.b, s.a, s.delta) for s in result.stacks])
     p["merge"] = time.perf_counter() - start
     start = time.perf_counter()
-    report = knots_jax.save_peft_adapter(result, spec["out"], overwrite=True)
+    if method != "ties":   # dense TIES has no LoRA factors to write: merge only
+      report = knots_jax.save_peft_adapter(result, spec["out"], overwrite=True)
     p["write"] = time.perf_counter() - start
     p["total"] = p["load"] + p["merge"] + p["write"]
-  return {"seconds": t, "merged_dir": spec["out"], "options": {"method": method, **options},
-          "rank": report["rank"], "devices": [str(d) for d in jax.devices()],
+  return {"seconds": t, "merged_dir": spec["out"] if method != "ties" else None,
+          "options": {"method": method, **options},
+          "rank": report["rank"] if method != "ties" else 0,
+          "devices": [str(d) for d in jax.devices()],
           "jax": jax.__version__}
+
+
+def _authors_ties(vectors, top_k: float):
+  """Core Space's authors' TIES (merging_functions.ties_merging, merging_type='mean'),
+  transcribed: per row a kthvalue trim, sign of the sum, disjoint mean. vectors [n, d]."""
+  import torch
+  n, d = vectors.shape
+  k = d - int(d * top_k / 100)
+  kth = vectors.abs().kthvalue(k, dim=1, keepdim=True)[0] if k > 0 else None
+  pruned = vectors * (vectors.abs() >= kth) if kth is not None else vectors
+  sign = torch.sign(pruned.sum(dim=0))
+  sign[sign == 0] = torch.sign(sign.sum())
+  keep = torch.where(sign[None] > 0, pruned > 0, pruned < 0)
+  selected = pruned * keep
+  return selected.sum(0) / torch.clamp((selected != 0).sum(0).float(), min=1)
+
+
+def _authors_core_ties(spec: dict) -> dict:
+  """The authors' core-space TIES per layer (their algorithm only, PyTorch float32, CPU):
+  U_B, V_A from SVDs of the stacked factors, M_i = U_B^T B_i A_i V_A, TIES on the
+  flattened M_i, merged LoRA B = U_B, A = M V_A^T written as a PEFT adapter."""
+  import torch
+  from safetensors.torch import load_file, save_file
+  configs = []
+  for path in spec["adapters"]:
+    with open(os.path.join(path, "adapter_config.json")) as f:
+      configs.append(json.load(f))
+  t: dict[str, dict[str, float]] = {}
+  for phase in ("cold", "warm"):
+    p = t[phase] = {}
+    start = time.perf_counter()
+    tensors = [load_file(os.path.join(x, "adapter_model.safetensors")) for x in spec["adapters"]]
+    p["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    merged = {}
+    for key in sorted(k for k in tensors[0] if k.endswith(".lora_A.weight")):
+      module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+      a = [w[key].float() for w in tensors]
+      b = [_lora_scale(c, module, x.shape[0]) * w[key.replace("lora_A", "lora_B")].float()
+           for c, x, w in zip(configs, a, tensors)]
+      u_b = torch.linalg.svd(torch.cat(b, 1), full_matrices=False)[0]
+      v_a = torch.linalg.svd(torch.cat(a, 0), full_matrices=False)[2].T
+      cores = torch.stack([(u_b.T @ bi) @ (ai @ v_a) for bi, ai in zip(b, a)])
+      m = _authors_ties(cores.reshape(len(b), -1), spec["top_k"]).reshape(cores.shape[1:])
+      merged[key.replace("lora_A", "lora_B")] = u_b.contiguous()
+      merged[key] = (m @ v_a.T).contiguous()
+    p["merge"] = time.perf_counter() - start
+    start = time.perf_counter()
+    os.makedirs(spec["out"], exist_ok=True)
+    rank = next(iter(merged.values())).shape[1] if merged else 0
+    config = dict(configs[0], r=rank, lora_alpha=rank, alpha_pattern={}, rank_pattern={},
+                  use_rslora=False)
+    with open(os.path.join(spec["out"], "adapter_config.json"), "w") as f:
+      json.dump(config, f)
+    save_file(merged, os.path.join(spec["out"], "adapter_model.safetensors"))
+    p["write"] = time.perf_counter() - start
+    p["total"] = p["load"] + p["merge"] + p["write"]
+  return {"seconds": t, "merged_dir": spec["out"], "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads()}
 
 
 def measure(spec: dict) -> dict:
@@ -330,6 +405,8 @@ def child(spec: dict) -> dict:
     return make_files(spec)
   if spec["run"].startswith("peft_"):
     return _peft_child(spec)
+  if spec["run"] == "authors_core_ties":
+    return _authors_core_ties(spec)
   return _ours_child(spec)
 
 
@@ -430,9 +507,10 @@ def main() -> None:
   if args.repeat < 1:
     parser.error(f"--repeat must be at least 1, got {args.repeat}")
   runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-  unknown = sorted(set(runs) - set(DEFAULT_RUNS))
+  unknown = sorted(set(runs) - set(DEFAULT_RUNS) - set(EXTRA_RUNS))
   if unknown:
-    parser.error(f"--runs: unknown {unknown}; choose from {', '.join(DEFAULT_RUNS)}")
+    choices = ", ".join(DEFAULT_RUNS + list(EXTRA_RUNS))
+    parser.error(f"--runs: unknown {unknown}; choose from {choices}")
   alpha = 2.0 * args.rank if args.alpha is None else args.alpha
   custom = any(getattr(args, k) is not None for k in ("hidden", "heads", "kv_heads", "layers"))
   suffix = ("" if args.size == "small" else f"_{args.size}") + ("_custom" if custom else "")
@@ -493,8 +571,11 @@ def main() -> None:
       r = repeats[int(np.argsort(cold_totals)[len(repeats) // 2])]   # the median cold run
       r["cold_totals_of_all_runs"] = cold_totals
       r["warm_totals_of_all_runs"] = [x["seconds"]["warm"]["total"] for x in repeats]
-      r["rank"] = adapter_rank(r["merged_dir"])
-      r["rel_error_to_ta"] = relative_error(r["merged_dir"], reference)
+      if r["merged_dir"]:
+        r["rank"] = adapter_rank(r["merged_dir"])
+        r["rel_error_to_ta"] = relative_error(r["merged_dir"], reference)
+      else:   # dense TIES: merged in memory, not written
+        r["rel_error_to_ta"] = float("nan")
       out[run] = r
       cold, warm = r["seconds"]["cold"], r["seconds"]["warm"]
       log(f"{run:>22}: rank {r['rank']:>3}, cold " + ", ".join(f"{k} {v:.3f}s"
@@ -518,7 +599,7 @@ def main() -> None:
           r[f"best_{phase}_total_over_paired"] = (min(r[f"{phase}_totals_of_all_runs"])
                                                   / min(out[paired][f"{phase}_totals_of_all_runs"]))
         r["paired_with"] = paired
-        if run.startswith("dense_"):
+        if run.startswith("dense_") or run == "authors_core_ties":
           core = dict(read_lora_deltas(out[paired]["merged_dir"]))
           r["rel_difference_to_core"] = relative_error(r["merged_dir"], core)
         log(f"{run:>22} / {paired}: total {r['cold_total_over_paired']:.2f}x cold, "
@@ -530,7 +611,7 @@ def main() -> None:
                if "rel_difference_to_core" in r else ""))
     for r in out.values():
       merged = r.pop("merged_dir")
-      if args.workdir:
+      if args.workdir and merged:
         r["merged_adapter"] = os.path.relpath(merged, root)
     if args.workdir:
       results["workdir"] = {"base": os.path.relpath(made["base"], root),

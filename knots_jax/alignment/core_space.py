@@ -20,8 +20,12 @@ with singular value <= `rtol` times the largest are marked invalid and zeroed
 when the factors are generic, as the authors' (unpadded) cores, and
 heterogeneous ranks need nothing else.
 
-The two SVDs are independent, so they run as separate jitted programs (see
-knots_jax/alignment/knots_svd.py on the jaxlib 0.10 CPU deadlock).
+Each basis is a QR of the tall stacked factor and an SVD of its small
+(<= n r square) R factor, the cheap exact route of the KnOTS path
+(knots_jax/alignment/knots_svd.py), not an SVD of the tall matrix. The two
+bases are independent, so they run as separate jitted programs (see
+knots_jax/alignment/knots_svd.py on the jaxlib 0.10 CPU deadlock); within one,
+the SVD depends on the QR.
 """
 
 from __future__ import annotations
@@ -66,21 +70,31 @@ def _check_factors(b, a) -> None:
                      f"got {b.shape} and {a.shape}")
 
 
+def _valid(s: jax.Array, rtol: float) -> jax.Array:
+  return s > rtol * jnp.max(s)
+
+
 def basis_b(b: jax.Array, rtol: float = DEFAULT_RTOL) -> tuple[jax.Array, jax.Array]:
-  """U_B of one module: b [n, out, r] -> (u_b [out, Kb], valid [Kb]), Kb = min(out, n r)."""
+  """U_B of one module: b [n, out, r] -> (u_b [out, Kb], valid [Kb]), Kb = min(out, n r).
+
+  B_cat = Q R (tall QR), R = U_R S W^T (small SVD): U_B = Q U_R, the left singular
+  vectors of B_cat without an SVD of the tall matrix (up to signs, as any SVD)."""
   n, out, r = b.shape
-  b_cat = jnp.transpose(b, (1, 0, 2)).reshape(out, n * r)
-  u, s, _ = jnp.linalg.svd(b_cat, full_matrices=False)
-  valid = s > rtol * jnp.max(s)
-  return u * valid, valid
+  q, rr = jnp.linalg.qr(jnp.transpose(b, (1, 0, 2)).reshape(out, n * r))
+  u, s, _ = jnp.linalg.svd(rr, full_matrices=False)
+  valid = _valid(s, rtol)
+  return (q @ u) * valid, valid
 
 
 def basis_a(a: jax.Array, rtol: float = DEFAULT_RTOL) -> tuple[jax.Array, jax.Array]:
-  """V_A of one module: a [n, r, in] -> (v_a [in, Ka], valid [Ka]), Ka = min(n r, in)."""
+  """V_A of one module: a [n, r, in] -> (v_a [in, Ka], valid [Ka]), Ka = min(n r, in).
+
+  A_cat^T = Q R, R^T = U S W^T: A_cat = U S (Q W)^T, so V_A = Q W (as `basis_b`)."""
   n, r, inp = a.shape
-  _, s, vt = jnp.linalg.svd(a.reshape(n * r, inp), full_matrices=False)
-  valid = s > rtol * jnp.max(s)
-  return vt.T * valid, valid
+  q, rr = jnp.linalg.qr(a.reshape(n * r, inp).T)
+  _, s, wt = jnp.linalg.svd(rr.T, full_matrices=False)
+  valid = _valid(s, rtol)
+  return (q @ wt.T) * valid, valid
 
 
 def core_matrices(b: jax.Array, a: jax.Array, u_b: jax.Array, v_a: jax.Array) -> jax.Array:

@@ -63,6 +63,15 @@ def _ties_model(reps: Sequence[Stack], valids, top_k: float, scaling):
                   "values_per_task": count, "threshold_seconds": threshold_seconds}
 
 
+def _module_thresholds(r: jax.Array, v: jax.Array, ranks: np.ndarray) -> jax.Array:
+  """[L, n] exact per-module thresholds: the bracket method (a few passes, no sort of every
+  module's values), or the sort kernel for a stack sharded over several devices."""
+  mesh = getattr(getattr(r, "sharding", None), "mesh", None)
+  if mesh is not None and mesh.size > 1 and not r.sharding.is_fully_replicated:
+    return kernels.layer_thresholds(r, v, sharding.like(r, ranks))
+  return threshold.module_kth_magnitudes(r, v, ranks)
+
+
 def _ties_layer(reps: Sequence[Stack], valids, top_k: float, scaling):
   """TIES with thresholds and majority signs per module (PEFT / mergekit style)."""
   merged = []
@@ -70,8 +79,8 @@ def _ties_layer(reps: Sequence[Stack], valids, top_k: float, scaling):
     lazy = is_lazy(r)
     r = materialize(r)
     counts = np.sum(sharding.to_host(v), axis=-1) * r.shape[-1]
-    ranks = sharding.like(r, [entrywise.kth_rank(int(c), top_k) for c in counts])
-    thresholds = kernels.layer_thresholds(r, v, ranks)
+    ranks = np.array([entrywise.kth_rank(int(c), top_k) for c in counts], np.int64)
+    thresholds = _module_thresholds(r, v, ranks)
     majority = jnp.sign(kernels.sign_sum_stack(r, thresholds)).astype(r.dtype)
     merged.append(kernels.ties_stack(r, thresholds, majority, scaling))
     del r

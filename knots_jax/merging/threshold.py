@@ -134,21 +134,21 @@ def _interpolate(lo_key, hi_key, position: float, half_width: float, dtype):
   return a, max(a, b)
 
 
-def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype):
-  """Sample quantiles around rank/count, per task."""
+def _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype, samples=None):
+  """Sample quantiles around rank/count, per task (about `samples` values each)."""
   n = len(ranks)
   shapes = [shape_of(x).shape for x in xs]
   total = sum(int(np.prod(s)) // s[1] for s in shapes)
   parts = []
   for x, shape, valid in zip(xs, shapes, valids):
-    stride = sample_stride(total, shape[3])
+    stride = sample_stride(total, shape[3], samples)
     part = to_host(_sample(materialize(x), valid, stride))
     parts.append(np.where(part >= 0, part.view(int_dtype), -1))   # bit patterns, -1: invalid
-  samples = np.concatenate(parts)
+  picked = np.concatenate(parts)
   lo = np.zeros(n, int_dtype)
   hi = np.full(n, max_key, int_dtype)
   for t in range(n):
-    s = samples[:, t]
+    s = picked[:, t]
     s = s[s >= 0]
     m = s.size
     if m < 64:
@@ -207,7 +207,7 @@ def _narrow_brackets(count, lo, hi, ranks, active, max_key, int_dtype, dtype, ca
                                       cap / (2 * inside[t]), dtype)
           continue
       lo[t] = known_lo[t]                      # bisect the known bracket
-      hi[t] = (known_lo[t] + known_hi[t]) // 2
+      hi[t] = known_lo[t] + (known_hi[t] - known_lo[t]) // 2   # no int64 overflow near +inf
     if ready.all():
       return below
   raise RuntimeError("k-th value search did not converge")
@@ -238,6 +238,7 @@ def kth_smallest_magnitude(
     ranks: Sequence[int],
     *,
     cap: int = _CAP,
+    samples: int | None = None,
 ) -> np.ndarray:
   """The exact `ranks[t]`-th smallest |x| of task t over all stacks.
 
@@ -247,6 +248,8 @@ def kth_smallest_magnitude(
       dropped after use: about one stack in memory at a time).
     valids: per stack [L, R]; invalid rows are not counted.
     ranks: 1-based rank per task; 0 means "no threshold" and gives 0.
+    cap: most values extracted per task and stack.
+    samples: sampled values per task for the initial bracket (default 2^20).
 
   Returns:
     [n] thresholds in the dtype of xs.
@@ -267,7 +270,35 @@ def kth_smallest_magnitude(
   if counts <= cap:
     lo, hi = np.zeros(n, int_dtype), np.full(n, max_key, int_dtype)
   else:
-    lo, hi = _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype)
+    lo, hi = _initial_bracket(xs, valids, ranks, counts, max_key, int_dtype, samples)
   count = lambda lo, hi: _count_all(xs, valids, lo, hi, ref, dtype, n)  # noqa: E731
   below = _narrow_brackets(count, lo, hi, ranks, active, max_key, int_dtype, dtype, cap)
   return _extract_kth(xs, valids, shapes, lo, hi, below, ranks, active, ref, dtype)
+
+
+_MODULE_SAMPLES = 1 << 16  # sampled values per module and task for `module_kth_magnitudes`
+
+
+@jax.jit
+def _module_magnitudes(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """|x| [L, n, R, C] as [1, L * n, R, C]: every (module, task) a task of its own,
+  +inf on invalid rows (above every valid value, so never a valid rank's pick)."""
+  L, n, R, C = x.shape
+  return jnp.where(valid[:, None, :, None], jnp.abs(x), jnp.inf).reshape(1, L * n, R, C)
+
+
+def module_kth_magnitudes(x: jax.Array, valid: jax.Array, ranks: Sequence[int], *,
+                          cap: int = _CAP, samples: int = _MODULE_SAMPLES) -> jax.Array:
+  """Per module l and task t, the exact ranks[l]-th smallest valid |x[l, t]|: [L, n].
+
+  TIES with thresholds per module: the bracket method of `kth_smallest_magnitude`
+  run on the L * n (module, task) pairs at once, a few passes over the stack
+  instead of a sort of every module's values. x: [L, n, R, C], valid: [L, R],
+  ranks: [L] (1-based; 0 gives 0, "keep all")."""
+  L, n = x.shape[:2]
+  ranks = np.asarray(ranks, np.int64).reshape(L)
+  mag = _module_magnitudes(x, jnp.asarray(valid))
+  everything = jnp.ones((1, x.shape[2]), bool)
+  found = kth_smallest_magnitude([mag], [everything], np.repeat(ranks, n), cap=cap,
+                                 samples=samples)
+  return like(x, found.reshape(L, n).astype(x.dtype))

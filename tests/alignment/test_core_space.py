@@ -235,3 +235,45 @@ def test_core_tsv_m_ragged_ranks_the_authors_code_is_not_a_function_of_the_adapt
     assert _gap(others[0], others[1]) > 0.1, m
     assert _gap(ours, lapack) > 0.1, m          # the ~50 % of the issue
     assert _gap(ours, expected[m]) < 1e-10, m    # theirs without the null components
+
+
+def _numpy_projector(m: np.ndarray, rtol: float, side: str) -> np.ndarray:
+  """U U^T of the valid left (side "b") or right ("a") singular vectors, float64 NumPy."""
+  u, s, vt = np.linalg.svd(m, full_matrices=False)
+  basis = u if side == "b" else vt.T
+  keep = s > rtol * s.max() if s.size and s.max() > 0 else np.zeros(s.shape, bool)
+  basis = basis[:, keep]
+  return basis @ basis.T
+
+
+@pytest.mark.parametrize("case", ["generic", "ragged", "deficient", "wide", "zero"])
+def test_bases_equal_a_numpy_svd_basis_up_to_signs(case):
+  """QR + small SVD bases span what a float64 NumPy SVD of B_cat / A_cat spans (same
+  projector U U^T), with zero-padded ragged ranks and rank-deficient stacks."""
+  rng = np.random.default_rng(7)
+  n, r, out, inp = 3, 4, 40, 30
+  if case == "wide":
+    out, inp = 6, 8                                   # n r = 12 > out, in
+  b = rng.standard_normal((1, n, out, r))
+  a = rng.standard_normal((1, n, r, inp))
+  if case == "ragged":                                # ranks 4, 2, 3, zero-padded
+    b[0, 1, :, 2:], a[0, 1, 2:] = 0, 0
+    b[0, 2, :, 3:], a[0, 2, 3:] = 0, 0
+  if case == "deficient":                             # task 2 repeats task 0's factors
+    b[0, 2], a[0, 2] = 2 * b[0, 0], -a[0, 0]
+  if case == "zero":
+    b[:], a[:] = 0, 0
+  stack = core_space.project_stack(("m",), b, a, dtype=np.float64)
+  b_cat = np.concatenate(list(b[0]), axis=1)
+  a_cat = np.concatenate(list(a[0]), axis=0)
+  for got, valid, ref in ((stack.u_b, stack.valid_b, _numpy_projector(b_cat, 1e-5, "b")),
+                          (stack.v_a, stack.valid_a, _numpy_projector(a_cat, 1e-5, "a"))):
+    got, valid = np.asarray(got[0]), np.asarray(valid[0])
+    assert np.sum(valid) == np.linalg.matrix_rank(ref) if case != "zero" else not valid.any()
+    np.testing.assert_allclose(got @ got.T, ref, atol=1e-10)
+    np.testing.assert_allclose(got[:, valid].T @ got[:, valid], np.eye(int(valid.sum())),
+                               atol=1e-10)
+    assert not np.any(got[:, ~valid])
+  for i in range(n):    # lossless: U_B M_i V_A^T = B_i A_i
+    np.testing.assert_allclose(np.asarray(stack.u_b[0] @ stack.cores[0, i] @ stack.v_a[0].T),
+                               b[0, i] @ a[0, i], atol=1e-10)
